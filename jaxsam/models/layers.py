@@ -1,0 +1,64 @@
+"""Building blocks shared by the study's networks: the one place that says how
+a convolution, a BatchNorm and a width multiplier are made.
+
+The conventions follow the PyTorch CIFAR models the study compares against
+(kuangliu/pytorch-cifar, the source of the 11,173,962 / 14,728,266 parameter
+counts): 3x3 convolutions with symmetric padding 1 (PyTorch's `padding=1`, which
+differs from 'SAME' for stride 2), BatchNorm with PyTorch's momentum 0.1 (Flax
+momentum 0.9) and epsilon 1e-5.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# He et al. 2015 ("Delving deep into rectifiers"), fan-out normal, as torchvision's
+# ResNet initializes its convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scaled_width(channels: int, width: float) -> int:
+    """Channel count `channels * width`, rounded, at least 1."""
+    return max(1, int(round(channels * width)))
+
+
+def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any) -> nn.Conv:
+    """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side)."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+    )
+
+
+def batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+    """BatchNorm with batch statistics in training and running averages in eval.
+
+    Statistics are reduced in float32 even for bfloat16 compute (Flax's default),
+    and scale/bias and the running averages are float32.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
+
+
+def classifier(num_classes: int, dtype: Any) -> nn.Dense:
+    """The final dense layer; float32 parameters whatever the compute dtype."""
+    return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32)
+
+
+max_pool_2x2 = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))

@@ -1,0 +1,59 @@
+"""Shared test fixtures: float64 switch, a tiny network and a fake batch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """float64 inside one test (correctness checks), restored afterwards."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def mlp_init(key, sizes=(5, 7, 3)):
+    """Parameters of a small tanh MLP: a dict of {'dense_i': {'kernel', 'bias'}}."""
+    params = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        key, k1, k2 = jax.random.split(key, 3)
+        params[f"dense_{i}"] = {
+            "kernel": jax.random.normal(k1, (n_in, n_out)) / jnp.sqrt(n_in),
+            "bias": 0.1 * jax.random.normal(k2, (n_out,)),
+        }
+    return params
+
+
+def mlp_loss(params, batch):
+    """Mean softmax cross-entropy of the MLP on (inputs, integer labels)."""
+    x, y = batch
+    n_layers = len(params)
+    for i in range(n_layers):
+        x = x @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
+        if i < n_layers - 1:
+            x = jnp.tanh(x)
+    log_probs = jax.nn.log_softmax(x)
+    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+
+
+@pytest.fixture
+def mlp_problem():
+    """(params, batch, loss) of a tiny random classification problem."""
+    key = jax.random.key(0)
+    k_params, k_x, k_y = jax.random.split(key, 3)
+    params = mlp_init(k_params)
+    batch = (jax.random.normal(k_x, (16, 5)), jax.random.randint(k_y, (16,), 0, 3))
+    return params, batch, mlp_loss
+
+
+def pytest_configure(config):
+    # XLA:CPU compiles a ResNet's initializers in over ten seconds; a persistent
+    # cache lets tests (and reruns) that build the same computation share it.
+    cache_dir = config.cache.mkdir("jax_compilation_cache") if config.cache else None
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
