@@ -53,7 +53,8 @@ def mlp_problem():
 def pytest_configure(config):
     # XLA:CPU compiles a ResNet's initializers in over ten seconds; a persistent
     # cache lets tests (and reruns) that build the same computation share it.
-    cache_dir = config.cache.mkdir("jax_compilation_cache") if config.cache else None
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    cache_dir = cache.mkdir("jax_compilation_cache") if cache is not None else None
     if cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,115 @@
+"""The experiment configuration: one `ml_collections.ConfigDict` per run.
+
+`base_config(size)` holds every field with its default; the files in
+`configs/` start from it and set the optimizer and SAM variant. Sizes:
+
+* `full` (no argument): the paper-scale run, 200 epochs, batch 128, the whole
+  CIFAR-10 training set, full-width networks.
+* `cpu`: a real-data run that finishes on a 2-core CPU in about ten minutes:
+  a width-1/8 network, a 5,000-image training subset, the full test set.
+* `smoke`: synthetic data, a tiny network, seconds of training (plus compilation).
+
+Anchors for the defaults (stated where the run's config is printed):
+SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule, batch 128, 200
+epochs: He et al. 2016 and the SAM paper's CIFAR ResNet baselines (Foret et al.
+2021, appendix C). Adam lr 1e-3: Kingma & Ba 2015's default, the rate of the
+original PyTorch study. SAM ρ = 0.05: Foret et al. 2021 (CIFAR-10). ASAM ρ = 0.5
+(SGD), η = 0.01: Kwon et al. 2021. GSAM α = 0.1 (Zhuang et al. 2022); LookSAM
+k = 5, α = 0.7 (Liu et al. 2022).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = ("full", "cpu", "smoke")
+
+
+def base_config(size: str | None = None) -> ml_collections.ConfigDict:
+    """All fields with their defaults for one of SIZES (None means "full")."""
+    size = size or "full"
+    if size not in SIZES:
+        raise ValueError(f"unknown config size {size!r}: use one of {', '.join(SIZES)} (e.g. configs/adam_sam.py:cpu)")
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18"
+    c.model.width = 1.0
+    c.model.dtype = "float32"  # "bfloat16" computes in bf16 with float32 parameters (GPUs).
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "auto"  # archive (path or $JAXSAM_CIFAR10) | tfds | synthetic | auto
+    c.data.path = ""
+    c.data.n_train = 0  # 0: the whole training split (after the validation hold-out)
+    c.data.n_validation = 0
+    c.data.n_test = 0  # 0: the whole test split
+    c.data.synthetic_train = 512
+    c.data.synthetic_test = 256
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adam | adamw
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.schedule = "cosine"  # cosine | constant
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = False
+    c.optimizer.b1 = 0.9  # adam, adamw
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    # sgd and adam: L2 added to the gradient (PyTorch's weight_decay); adamw: decoupled.
+    c.optimizer.weight_decay = 5e-4
+
+    c.sam = ml_collections.ConfigDict()
+    c.sam.name = "none"  # none | sam | asam | gsam | looksam
+    c.sam.rho = 0.05
+    c.sam.rho_min = 0.0  # gsam: rho follows the learning rate from rho down to rho_min
+    c.sam.eta = 0.01  # asam
+    c.sam.alpha = 0.1  # gsam (0.1) / looksam (0.7)
+    c.sam.k = 5  # looksam
+    c.sam.mask = "all"  # all | kernels (leave biases and BatchNorm unperturbed)
+    # True: each device perturbs with its own gradient (m-sharpness, m = per-device
+    # batch, as the SAM paper); False: one perturbation from the global gradient.
+    c.sam.per_device = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 200
+    c.train.max_steps = 0  # > 0: stop after this many steps (checkpointed, resumable)
+    c.train.batch_size = 128
+    c.train.eval_batch_size = 500
+    c.train.label_smoothing = 0.0
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_epochs = 10
+    c.train.keep_checkpoints = 3
+    c.train.progress = True  # tqdm bar
+
+    if size == "cpu":
+        c.model.width = 0.125
+        c.data.n_train = 5000
+        c.train.num_epochs = 10
+        c.train.checkpoint_every_epochs = 5
+        c.train.log_every_steps = 10
+    elif size == "smoke":
+        c.model.width = 0.0625
+        c.data.source = "synthetic"
+        c.train.num_epochs = 2
+        c.train.batch_size = 32
+        c.train.eval_batch_size = 64
+        c.train.checkpoint_every_epochs = 1
+        c.train.log_every_steps = 4
+    return c
+
+
+def use_adam(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adam with lr 1e-3 (the original study's rate), cosine schedule, L2 5e-4."""
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    return c
+
+
+def use_sam(c: ml_collections.ConfigDict, rho: float = 0.05) -> ml_collections.ConfigDict:
+    """SAM with ρ = 0.05 (Foret et al. 2021, CIFAR-10)."""
+    c.sam.name = "sam"
+    c.sam.rho = rho
+    return c

@@ -1,0 +1,713 @@
+"""CIFAR-10 in host memory, batching, and augmentation on device.
+
+The data set (Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny
+Images"; https://www.cs.toronto.edu/~kriz/cifar.html) is small enough to hold
+whole: 60,000 images of 32x32x3 uint8 are 180 MB. It is loaded once into a
+`Dataset` of uint8 NHWC numpy arrays on the host, from one of
+
+* ``archive``: the official *binary* version, ``cifar-10-binary.tar.gz``, read
+  straight from the tar.gz with `tarfile` and numpy (nothing is extracted to
+  disk), or its extracted ``cifar-10-batches-bin/`` folder. The python version
+  (``cifar-10-python.tar.gz``) is refused: it holds pickles, and unpickling a
+  downloaded file runs whatever code it carries.
+* ``tfds``: TensorFlow Datasets' ``cifar10`` (needs TensorFlow and, the first
+  time, the network).
+* ``synthetic``: random CIFAR-shaped images whose class shifts their colour,
+  for smoke runs that must show the loss falling without real data.
+
+Training order and augmentation are deterministic functions of
+``(seed, epoch, step)``: epoch e visits the examples in
+``permutation(fold_in(key(seed), e))``, so a run resumed at (epoch, step) sees
+exactly the batches an uninterrupted run sees. The standard CIFAR augmentation
+(He et al. 2016, "Deep Residual Learning for Image Recognition": 4-pixel zero
+padding, random 32x32 crop, random horizontal flip) and normalization run
+inside the jitted step on device, so only uint8 batches cross to the device:
+
+    data = load_dataset("archive", path="cifar-10-binary.tar.gz", n_validation=5000)
+    for images, labels in train_batches(data.train, 128, seed=0, epoch=epoch):
+        state = train_step(state, images, labels, jax.random.fold_in(aug_key, step))
+    # and inside train_step:  x = augment(key, images)      # float32, normalized
+
+Evaluation batches are padded to one shape and carry a mask, so a sum over the
+mask gives exact full-split metrics with a single compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import socket
+import tarfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR10_CLASSES",
+    "DataError",
+    "Split",
+    "Dataset",
+    "read_cifar10_archive",
+    "load_dataset",
+    "epoch_permutation",
+    "steps_per_epoch",
+    "train_batches",
+    "eval_batches",
+    "normalize",
+    "crop_and_flip",
+    "augment",
+]
+
+# Per-channel statistics of the training images as [0, 1] floats (the values
+# the CIFAR literature normalizes with).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+NUM_CLASSES = len(CIFAR10_CLASSES)
+IMAGE_SHAPE = (32, 32, 3)
+
+# The binary version's layout: each record is 1 label byte then the 1,024 red,
+# 1,024 green and 1,024 blue bytes of a row-major 32x32 image.
+RECORD_BYTES = 1 + 32 * 32 * 3
+RECORDS_PER_FILE = 10_000  # checked strictly; tests lower it to write tiny archives
+BIN_FOLDER = "cifar-10-batches-bin"
+TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+TEST_FILE = "test_batch.bin"
+ENV_VAR = "JAXSAM_CIFAR10"
+SOURCES = ("archive", "auto", "synthetic", "tfds")
+
+# Where TFDS downloads cifar10 from; probed before a download so that offline
+# use fails in seconds instead of after minutes of retries.
+TFDS_DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
+REACHABILITY_TIMEOUT_S = 3.0
+
+PathLike = Union[str, os.PathLike]
+
+_BINARY_HINT = "download the binary version cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"
+_ARCHIVE_HINT = (
+    "use --config.data.source=archive --config.data.path=/path/to/cifar-10-binary.tar.gz "
+    f"(or set {ENV_VAR})"
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """Bad or missing data; str() is one line that names the fix."""
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message, for wrapping foreign errors into one line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of an image classification set, on the host.
+
+    Attributes:
+      images: uint8 (N, 32, 32, 3), NHWC.
+      labels: int32 (N,).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        images, labels = self.images, self.labels
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"Split.images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
+        if labels.dtype != np.int32 or labels.shape != (images.shape[0],):
+            raise DataError(f"Split.labels must be int32 ({images.shape[0]},), got {labels.dtype} {labels.shape}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, indices: np.ndarray) -> "Split":
+        """The examples at `indices`, in that order (a copy)."""
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """The splits a run uses and where they came from.
+
+    Attributes:
+      train: the training examples (after holding out `validation`).
+      test: the test examples.
+      validation: examples held out of the training split, or None.
+      num_classes: number of labels.
+      description: one line naming the source and the split sizes.
+    """
+
+    train: Split
+    test: Split
+    validation: Optional[Split]
+    num_classes: int
+    description: str
+
+
+# ---------------------------------------------------------------------------
+# The binary archive.
+
+
+def _pickle_version_error(path: Path) -> DataError:
+    return DataError(
+        f"{path} is the CIFAR-10 python version, which is not read because it holds pickles "
+        f"(unpickling a downloaded file runs arbitrary code): {_BINARY_HINT} and pass its path"
+    )
+
+
+def _check_size(size: int, where: str) -> None:
+    """Raises unless a batch file holds exactly RECORDS_PER_FILE records."""
+    expected = RECORDS_PER_FILE * RECORD_BYTES
+    if size == expected:
+        return
+    shape = (
+        "a whole number of records"
+        if size and size % RECORD_BYTES == 0
+        else f"not a whole number of {RECORD_BYTES:,}-byte records"
+    )
+    raise DataError(
+        f"{where} has {size:,} bytes ({shape}), expected {expected:,} "
+        f"({RECORDS_PER_FILE:,} records of {RECORD_BYTES:,} bytes): the file is truncated or not "
+        f"the CIFAR-10 binary version; re-download cifar-10-binary.tar.gz"
+    )
+
+
+# Where each batch file's records go: (images, labels) views into the output arrays.
+_Slots = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _decode_into(raw: bytes, where: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Records (label byte + CHW pixels) -> NHWC `images` and `labels`, in place."""
+    _check_size(len(raw), where)
+    records = np.frombuffer(raw, np.uint8).reshape(-1, RECORD_BYTES)
+    labels[:] = records[:, 0]
+    if labels.max(initial=0) >= NUM_CLASSES:
+        raise DataError(
+            f"{where} has label {int(labels.max())}, expected 0..{NUM_CLASSES - 1}: "
+            f"not the CIFAR-10 binary version (CIFAR-100's has two label bytes); {_BINARY_HINT}"
+        )
+    # One channel plane at a time: several times faster than a 4-D transpose copy.
+    pixels = images.reshape(len(records), 32 * 32, 3)
+    for c in range(3):
+        pixels[:, :, c] = records[:, 1 + 1024 * c : 1 + 1024 * (c + 1)]
+
+
+def _missing_error(path: Path, missing: list[str], kind: str) -> DataError:
+    return DataError(
+        f"{kind} {path} has no {BIN_FOLDER}/{missing[0]} (missing: {', '.join(missing)}); expected "
+        f"data_batch_1..5.bin and {TEST_FILE} of the CIFAR-10 binary version: re-download cifar-10-binary.tar.gz"
+    )
+
+
+def _read_tar(path: Path, slots: _Slots) -> None:
+    """Fills `slots` from the batch files of a (gzipped) tar, in one streaming pass."""
+    wanted = set(slots)
+    found: set[str] = set()
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot open {path}: {_one_line(err)}") from None
+    with handle:
+        magic = handle.read(2)
+        handle.seek(0)
+        try:
+            # GzipFile checks the CRC-32 and length at the end of the stream;
+            # tarfile's own gunzip does not, and a corrupt stored (incompressible)
+            # block would otherwise decompress into wrong pixels silently.
+            stream = gzip.GzipFile(fileobj=handle, mode="rb") if magic == _GZIP_MAGIC else handle
+            # Stream mode: one sequential pass. Random access (`r:gz` +
+            # getmember) would rewind and re-decompress for every member.
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
+                for member in tar:
+                    parts = PurePosixPath(member.name).parts
+                    if "cifar-10-batches-py" in parts:
+                        raise _pickle_version_error(path)
+                    name = parts[-1] if parts else ""
+                    if not member.isfile() or name not in wanted or name in found:
+                        continue
+                    where = f"{path} member {member.name}"
+                    _check_size(member.size, where)
+                    _decode_into(tar.extractfile(member).read(), where, *slots[name])
+                    found.add(name)
+            while stream.read(1 << 20):  # to the gzip trailer, so its checksum is verified
+                pass
+        except (tarfile.TarError, zlib.error, EOFError, OSError) as err:
+            if magic == _GZIP_MAGIC:
+                raise DataError(
+                    f"{path} is a corrupt or incomplete gzip file ({_one_line(err)}): "
+                    f"re-download cifar-10-binary.tar.gz"
+                ) from None
+            raise DataError(
+                f"{path} is not a .tar.gz archive ({_one_line(err)}): expected cifar-10-binary.tar.gz "
+                f"or its extracted {BIN_FOLDER}/ folder"
+            ) from None
+    missing = [n for n in TRAIN_FILES + (TEST_FILE,) if n not in found]
+    if missing:
+        raise _missing_error(path, missing, "archive")
+
+
+def _read_folder(path: Path, slots: _Slots) -> None:
+    """Fills `slots` from an extracted `cifar-10-batches-bin/` (or a folder holding it)."""
+    names = TRAIN_FILES + (TEST_FILE,)
+    folder = path / BIN_FOLDER if (path / BIN_FOLDER).is_dir() else path
+    present = [n for n in names if (folder / n).is_file()]
+    if not present:
+        python_version = "cifar-10-batches-py"
+        if path.name == python_version or (path / python_version).is_dir() or (path / "data_batch_1").is_file():
+            raise _pickle_version_error(path)
+        raise DataError(
+            f"folder {path} holds no CIFAR-10 binary files: expected {BIN_FOLDER}/ or data_batch_1..5.bin and "
+            f"{TEST_FILE} in it (the extracted cifar-10-binary.tar.gz), or pass the .tar.gz itself"
+        )
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise _missing_error(folder, missing, "folder")
+    for name in names:
+        file = folder / name
+        _check_size(file.stat().st_size, str(file))
+        _decode_into(file.read_bytes(), str(file), *slots[name])
+
+
+def read_cifar10_archive(path: PathLike) -> tuple[Split, Split]:
+    """(train, test) from the official CIFAR-10 binary version.
+
+    Reads `cifar-10-binary.tar.gz` directly (tarfile + numpy, nothing extracted
+    to disk), or its extracted `cifar-10-batches-bin/` folder, or a folder that
+    contains `cifar-10-batches-bin/`. Each of data_batch_1..5.bin and
+    test_batch.bin holds `RECORDS_PER_FILE` records of 3,073 bytes: a label
+    byte, then the image as 1,024 red, 1,024 green and 1,024 blue bytes.
+
+    Args:
+      path: the .tar.gz file or a folder as above.
+
+    Returns:
+      (train, test): 50,000 and 10,000 examples, images uint8 NHWC, in file order.
+
+    Raises:
+      DataError: missing path, the python (pickle) version, a missing batch
+        file, a file of the wrong size, a corrupt gzip; the message is one line.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{path} does not exist: expected cifar-10-binary.tar.gz or its extracted {BIN_FOLDER}/ folder "
+            f"(pass --config.data.path=/path/to/cifar-10-binary.tar.gz or set {ENV_VAR})"
+        )
+    if path.name.startswith("cifar-10-python"):
+        # Refuse by name before reading a byte; the readers also refuse by content.
+        raise _pickle_version_error(path)
+    # Decode each file straight into its place in the output: no concatenation,
+    # and at most one raw file in memory besides the result.
+    n = RECORDS_PER_FILE
+    train_images, test_images = (np.empty((k * n, *IMAGE_SHAPE), np.uint8) for k in (len(TRAIN_FILES), 1))
+    train_labels, test_labels = (np.empty(k * n, np.int32) for k in (len(TRAIN_FILES), 1))
+    slots = {
+        name: (train_images[i * n : (i + 1) * n], train_labels[i * n : (i + 1) * n])
+        for i, name in enumerate(TRAIN_FILES)
+    }
+    slots[TEST_FILE] = (test_images, test_labels)
+    if path.is_dir():
+        _read_folder(path, slots)
+    else:
+        _read_tar(path, slots)
+    return Split(train_images, train_labels), Split(test_images, test_labels)
+
+
+# ---------------------------------------------------------------------------
+# TFDS and synthetic sources.
+
+
+def _reachable(host: str, port: int, timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tfds_prepared(data_dir: Optional[str]) -> tuple[bool, str]:
+    """(whether TFDS cifar10 is already built in data_dir, that folder)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=data_dir)
+    return bool(builder.is_prepared()), str(builder.data_dir)
+
+
+def _load_tfds(data_dir: Optional[str]) -> tuple[Split, Split]:
+    """(train, test) of TFDS cifar10; every failure is a one-line DataError."""
+    try:
+        import tensorflow  # noqa: F401  (TFDS builds and reads its files with it)
+    except Exception as err:  # ImportError, or a broken install failing otherwise
+        raise DataError(
+            f"source 'tfds' needs TensorFlow to build and read cifar10 (import tensorflow: {_one_line(err)}): "
+            f"pip install tensorflow-cpu, or {_ARCHIVE_HINT}"
+        ) from None
+    try:
+        prepared, where = _tfds_prepared(data_dir)
+    except Exception as err:
+        raise DataError(f"TFDS could not open cifar10 ({_one_line(err)}): {_ARCHIVE_HINT}") from None
+    if not prepared and not _reachable(*TFDS_DOWNLOAD_HOST):
+        host, port = TFDS_DOWNLOAD_HOST
+        raise DataError(
+            f"TFDS cifar10 is not prepared in {where} and its download host {host}:{port} is unreachable "
+            f"(offline?): {_ARCHIVE_HINT}"
+        )
+    try:
+        import tensorflow_datasets as tfds
+
+        (train_x, train_y), (test_x, test_y) = tfds.as_numpy(
+            tfds.load("cifar10", split=["train", "test"], as_supervised=True, batch_size=-1, data_dir=data_dir)
+        )
+    except Exception as err:
+        raise DataError(f"TFDS failed to load cifar10 ({_one_line(err)}): {_ARCHIVE_HINT}") from None
+    as_split = lambda x, y: Split(np.asarray(x, np.uint8), np.asarray(y, np.int32))
+    return as_split(train_x, train_y), as_split(test_x, test_y)
+
+
+# A fixed palette (the same for every seed, so train and test, and runs with
+# different seeds, pose the same task): class c shifts all pixels by colour c.
+_PALETTE = np.random.default_rng(20240229).integers(40, 216, size=(NUM_CLASSES, 3))
+_SYNTHETIC_NOISE = 64  # uniform noise in [-64, 64] per pixel: a single pixel barely tells the class
+
+
+def _synthetic(n_train: int, n_test: int, seed: int) -> tuple[Split, Split]:
+    """Learnable random (train, test): uniform noise around a class colour, balanced labels."""
+    rng = np.random.default_rng(seed)
+
+    def make(n: int) -> Split:
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int32)
+        noise = rng.integers(-_SYNTHETIC_NOISE, _SYNTHETIC_NOISE + 1, size=(n, *IMAGE_SHAPE), dtype=np.int16)
+        images = np.clip(_PALETTE[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        return Split(images, labels)
+
+    return make(n_train), make(n_test)
+
+
+# ---------------------------------------------------------------------------
+# load_dataset.
+
+
+def _archive_path(path: Optional[PathLike]) -> Path:
+    chosen = path if path else os.environ.get(ENV_VAR)
+    if not chosen:
+        raise DataError(
+            "no CIFAR-10 archive given: pass --config.data.path=/path/to/cifar-10-binary.tar.gz "
+            f"or set {ENV_VAR}=/path/to/cifar-10-binary.tar.gz"
+        )
+    return Path(chosen).expanduser()
+
+
+def _count(n: Optional[int], name: str) -> int:
+    """None -> 0; otherwise a non-negative int."""
+    if n is None:
+        return 0
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise DataError(f"{name} must be an integer >= 0 (got {n!r})")
+    return int(n)
+
+
+def _size(n: int, total: Optional[int] = None) -> str:
+    return f"{n:,}" if total is None or n == total else f"{n:,} of {total:,}"
+
+
+def load_dataset(
+    source: str,
+    *,
+    path: Optional[PathLike] = None,
+    n_train: Optional[int] = None,
+    n_validation: int = 0,
+    n_test: Optional[int] = None,
+    seed: int = 0,
+    synthetic_size: tuple[int, int] = (512, 256),
+) -> Dataset:
+    """CIFAR-10 (or a synthetic stand-in) with held-out validation and subsets.
+
+    Subsets come from one seeded permutation of the training split: its first
+    `n_validation` examples are the validation split, and the training split is
+    the next `n_train` (all the rest by default). So for one seed the
+    validation set does not depend on `n_train`, smaller training subsets are
+    contained in larger ones, and validation and training never overlap. Both
+    keep the file order of their examples.
+
+    Args:
+      source: 'archive' (the binary version at `path`, else $JAXSAM_CIFAR10),
+        'tfds' (TensorFlow Datasets' cifar10; `path`, if given, is the TFDS
+        data dir), 'synthetic', or 'auto' ('archive' if `path` or
+        $JAXSAM_CIFAR10 is set, else 'tfds').
+      path: see `source`.
+      n_train: training examples to keep; None or 0 keeps all that remain
+        after the validation split.
+      n_validation: training examples to hold out as the validation split.
+      n_test: the first `n_test` test examples; None keeps all.
+      seed: seeds the subset permutation (and the synthetic images).
+      synthetic_size: (training pool, test) sizes of the synthetic source.
+
+    Returns:
+      A `Dataset` whose `validation` is None when `n_validation` is 0.
+
+    Raises:
+      DataError: unknown source, missing or bad data, or more examples asked
+        for than exist; the message is one line that names the fix.
+
+    Example:
+      >>> data = load_dataset("synthetic", synthetic_size=(100, 20), n_validation=10)
+      >>> len(data.train), len(data.validation), len(data.test)
+      (90, 10, 20)
+    """
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}: expected one of {', '.join(repr(s) for s in SOURCES)}")
+    n_train_asked = _count(n_train, "n_train")
+    n_validation = _count(n_validation, "n_validation")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise DataError(f"seed must be an integer >= 0 (got {seed!r})")
+    if source == "auto":
+        source = "archive" if (path or os.environ.get(ENV_VAR)) else "tfds"
+
+    if source == "archive":
+        archive = _archive_path(path)
+        train_pool, test_pool = read_cifar10_archive(archive)
+        origin = f"CIFAR-10 from {'folder' if archive.is_dir() else 'archive'} {archive}"
+    elif source == "tfds":
+        data_dir = os.fspath(Path(path).expanduser()) if path else None
+        train_pool, test_pool = _load_tfds(data_dir)
+        origin = "CIFAR-10 from TFDS cifar10" + (f" in {data_dir}" if data_dir else "")
+    else:
+        pool_size, test_size = (_count(n, "synthetic_size") for n in synthetic_size)
+        train_pool, test_pool = _synthetic(pool_size, test_size, int(seed))
+        origin = f"synthetic CIFAR-10-shaped data (seed {seed})"
+
+    available = len(train_pool)
+    if n_validation + n_train_asked > available:
+        raise DataError(
+            f"asked for n_validation={n_validation:,} + n_train={n_train_asked:,} training examples, but "
+            f"the training split has {available:,}: lower them"
+        )
+    if n_validation == 0 and n_train_asked in (0, available):
+        train, validation = train_pool, None  # no copy of the whole split
+    else:
+        order = np.random.default_rng(int(seed)).permutation(available)
+        kept = order[n_validation:] if n_train_asked == 0 else order[n_validation : n_validation + n_train_asked]
+        train = train_pool.take(np.sort(kept))
+        validation = train_pool.take(np.sort(order[:n_validation])) if n_validation else None
+
+    test = test_pool
+    if n_test is not None:
+        n_test = _count(n_test, "n_test")
+        if n_test > len(test_pool):
+            raise DataError(f"asked for n_test={n_test:,}, but the test split has {len(test_pool):,}: lower it")
+        test = Split(test_pool.images[:n_test], test_pool.labels[:n_test])
+
+    sizes = (
+        f"train {_size(len(train), available)}, validation {_size(n_validation)}, "
+        f"test {_size(len(test), len(test_pool))}"
+    )
+    return Dataset(
+        train=train, test=test, validation=validation, num_classes=NUM_CLASSES, description=f"{origin} ({sizes})"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Batching (host side).
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Order in which epoch `epoch` visits the n training examples.
+
+    A pure function of (seed, epoch, n), so a resumed run recomputes it:
+    `jax.random.permutation(fold_in(key(seed), epoch), n)` as numpy.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    return np.asarray(jax.random.permutation(key, n))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full training batches in an epoch of n examples (the partial last batch is dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size!r})")
+    return n // batch_size
+
+
+def train_batches(
+    split: Split, batch_size: int, *, seed: int, epoch: int, start_step: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Training batches of one epoch, from `start_step` on.
+
+    Batch s is examples `epoch_permutation(seed, epoch, n)[s*B:(s+1)*B]`, so
+    resuming at (epoch, start_step) yields exactly the batches an uninterrupted
+    epoch yields from there.
+
+    Args:
+      split: the training split.
+      batch_size: B, the global batch size.
+      seed: the data-order seed.
+      epoch: epoch number (0-based).
+      start_step: first step to yield, 0 <= start_step <= steps_per_epoch.
+
+    Returns:
+      An iterator of (images uint8 (B, 32, 32, 3), labels int32 (B,)).
+    """
+    n = len(split)
+    steps = steps_per_epoch(n, batch_size)
+    if steps == 0:
+        raise DataError(f"batch_size {batch_size:,} exceeds the {n:,} training examples: lower batch_size")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in 0..{steps} for {steps} steps per epoch (got {start_step!r})")
+
+    # A generator, so the permutation is drawn when iteration starts and the
+    # checks above run at the call.
+    def batches():
+        order = epoch_permutation(seed, epoch, n)
+        for step in range(start_step, steps):
+            indices = order[step * batch_size : (step + 1) * batch_size]
+            yield split.images[indices], split.labels[indices]
+
+    return batches()
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The whole split once, in order, in batches of one shape.
+
+    The last batch is padded with zero images and label 0; `mask` marks the
+    real examples, so `sum(mask * per_example_metric)` over all batches divided
+    by `len(split)` is the exact full-split metric, and one compiled step
+    serves every batch.
+
+    Args:
+      split: the split to evaluate.
+      batch_size: B.
+
+    Returns:
+      An iterator of (images uint8 (B, 32, 32, 3), labels int32 (B,),
+      mask float32 (B,)).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size!r})")
+
+    def batches():
+        n = len(split)
+        for start in range(0, n, batch_size):
+            images = split.images[start : start + batch_size]
+            labels = split.labels[start : start + batch_size]
+            real = len(labels)
+            mask = np.zeros(batch_size, np.float32)
+            mask[:real] = 1.0
+            if real < batch_size:
+                pad = batch_size - real
+                images = np.concatenate([images, np.zeros((pad, *IMAGE_SHAPE), np.uint8)])
+                labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+            yield images, labels, mask
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------
+# On device (jit-compatible).
+
+PAD = 4  # pixels of zero padding around the image before the random crop
+
+# (x/255 - mean)/std for every uint8 value x and channel, computed in float64
+# and rounded once. Looking values up instead of computing them makes the
+# result bit-identical in every context: XLA turns the divisions into
+# multiplications differently in eager, jitted and fused code (1-ulp
+# differences), and a gather of 256x3 values is as fast as the arithmetic.
+_NORMALIZED = (
+    (np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.asarray(CIFAR10_MEAN)) / np.asarray(CIFAR10_STD)
+).astype(np.float32)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 (x/255 - mean) / std per channel (CIFAR10_MEAN/STD).
+
+    Each value is the formula evaluated in float64 and rounded once to float32,
+    identically under jit, vmap and eagerly.
+
+    Args:
+      images: uint8 (..., 3), channels last.
+
+    Returns:
+      float32 array of the same shape.
+    """
+    if jnp.result_type(images) != jnp.uint8:
+        # A float input is most likely already normalized; doing it twice fails silently.
+        raise TypeError(f"normalize expects uint8 pixels (got {jnp.result_type(images)})")
+    if images.shape[-1] != 3:
+        raise ValueError(f"normalize expects 3 channels last (got shape {images.shape})")
+    table = jnp.asarray(_NORMALIZED)
+    return table[images.astype(jnp.int32), jnp.arange(3)]
+
+
+def _crop_and_flip_one(key: jax.Array, image: jax.Array) -> jax.Array:
+    height, width, channels = image.shape
+    k_offset, k_flip = jax.random.split(key)
+    dy, dx = jax.random.randint(k_offset, (2,), 0, 2 * PAD + 1)
+    # Zero in uint8 before normalizing, as torchvision's RandomCrop(32, padding=4)
+    # on PIL images: the border is black, not the mean colour.
+    padded = jnp.pad(image, ((PAD, PAD), (PAD, PAD), (0, 0)))
+    window = jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, channels))
+    return jnp.where(jax.random.bernoulli(k_flip), window[:, ::-1, :], window)
+
+
+def crop_and_flip(key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0) -> jax.Array:
+    """Random crop of the 4-pixel zero-padded image, then a horizontal flip with probability 1/2.
+
+    Example i of the batch draws its offset (one of 9x9) and flip from
+    `fold_in(key, first_index + i)`: its position in the global batch. Under a
+    per-device map, pass the device's first global index, and every example
+    gets the same augmentation whatever the number of devices.
+
+    Args:
+      key: a PRNG key.
+      images: uint8 (B, H, W, C).
+      first_index: global batch position of images[0].
+
+    Returns:
+      uint8 (B, H, W, C).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"crop_and_flip expects a batch (B, H, W, C) (got shape {images.shape})")
+    positions = first_index + jnp.arange(images.shape[0])
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, positions)
+    return jax.vmap(_crop_and_flip_one)(keys, images)
+
+
+def augment(key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0) -> jax.Array:
+    """The standard CIFAR training augmentation, on device: `normalize(crop_and_flip(key, images, first_index))`.
+
+    Args:
+      key: a PRNG key, e.g. `fold_in(fold_in(base_key, epoch), step)` for a
+        resumable run.
+      images: uint8 (B, 32, 32, 3).
+
+    Returns:
+      float32 (B, 32, 32, 3), normalized.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> x = np.zeros((8, 32, 32, 3), np.uint8)
+      >>> jax.jit(augment)(jax.random.key(0), x).shape
+      (8, 32, 32, 3)
+    """
+    return normalize(crop_and_flip(key, images, first_index))

@@ -1,0 +1,56 @@
+"""Train one network: python scripts/train.py --config configs/adam_sam.py[:cpu|:smoke] [--workdir DIR] [--config.x.y=v].
+
+Writes config.json, metrics.jsonl and checkpoints/ into the workdir (default
+runs/<config name>[_<size>]); rerunning the same command resumes from the
+latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/adam_sam.py:cpu")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<size>])")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume a workdir whose config.json differs (the old one is kept as config.<n>.json)"
+)
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_path: str, size: str) -> str:
+    """runs/adam_sam for configs/adam_sam.py, runs/adam_sam_cpu for configs/adam_sam.py:cpu."""
+    name = os.path.splitext(os.path.basename(config_path.partition(":")[0]))[0]
+    return os.path.join("runs", name if size == "full" else f"{name}_{size}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config=... --workdir=...")
+    # Orbax logs every checkpoint step at INFO; the progress bar and metrics.jsonl say what matters.
+    logging.set_verbosity(logging.WARNING)
+    from jaxsam import data
+    from jaxsam.train import train_and_evaluate
+
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]), config.size)
+    start = time.time()
+    try:
+        record = train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
+    except (ValueError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"done: {workdir}: epoch {record['epoch']}/{config.train.num_epochs}, step {record['step']}, "
+        f"test accuracy {record['test_accuracy']:.4f} (loss {record['test_loss']:.4f}), "
+        f"train accuracy {record.get('train_accuracy', float('nan')):.4f}, {time.time() - start:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
