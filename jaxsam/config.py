@@ -6,7 +6,10 @@
 * `full` (no argument): the paper-scale run, 200 epochs, batch 128, the whole
   CIFAR-10 training set, full-width networks.
 * `cpu`: a real-data run that finishes on a 2-core CPU in about ten minutes:
-  a width-1/8 network, a 5,000-image training subset, the full test set.
+  a width-1/8 network, 4 epochs of a 20,000-image training subset, the full
+  test set. Measured on this project's 2-core machine (ResNet18): sgd_sam
+  52.0% test accuracy in 10:45, adam_sam 47.1% in 11:25 (wall clock of
+  `python scripts/train.py --config configs/{sgd_sam,adam_sam}.py:cpu`).
 * `smoke`: synthetic data, a tiny network, seconds of training (plus compilation).
 
 Anchors for the defaults (stated where the run's config is printed):
@@ -86,9 +89,9 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
 
     if size == "cpu":
         c.model.width = 0.125
-        c.data.n_train = 5000
-        c.train.num_epochs = 10
-        c.train.checkpoint_every_epochs = 5
+        c.data.n_train = 20000
+        c.train.num_epochs = 4
+        c.train.checkpoint_every_epochs = 1
         c.train.log_every_steps = 10
     elif size == "smoke":
         c.model.width = 0.0625
