@@ -110,8 +110,8 @@ def _check_nonnegative(value: float, what: str, name: str, example: str) -> None
 
 def _check_update_args(name: str, params: Optional[Params], grad_fn: Optional[GradFn]) -> None:
     how = (
-        f"call tx.update(grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)) "
-        f"with the same batch as grads"
+        "call tx.update(grads, opt_state, params, grad_fn=lambda p: jax.grad(loss_fn)(p, batch)) "
+        "with the same batch as grads"
     )
     if grad_fn is None:
         raise TypeError(f"{name}.update needs grad_fn, the gradient at other parameters for this batch: {how}")

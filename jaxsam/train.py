@@ -24,7 +24,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -84,6 +83,17 @@ def base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> opt
     return core
 
 
+def sam_rho(config: ml_collections.ConfigDict, lr: optax.Schedule):
+    """ρ of `config.sam`: 0 for "none"; for GSAM a schedule following the learning
+    rate from rho down to rho_min (Zhuang et al. 2022); otherwise the constant rho."""
+    s = config.sam
+    if s.name == "none":
+        return 0.0
+    if s.name == "gsam" and s.rho_min != s.rho:
+        return sam.rho_following_lr(lr, s.rho, s.rho_min, lr_max=config.optimizer.learning_rate)
+    return s.rho
+
+
 def sam_optimizer_part(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformationExtraArgs:
     """The SAM transform of `config.sam`; "none" is ρ = 0, which is the base optimizer exactly."""
     s = config.sam
@@ -91,18 +101,17 @@ def sam_optimizer_part(config: ml_collections.ConfigDict, lr: optax.Schedule) ->
     if s.mask not in ("all", "kernels"):
         raise ValueError(f"unknown sam.mask {s.mask!r}: use all or kernels")
     common = dict(axis_name=axis_name, mask=sam.kernels_only_mask if s.mask == "kernels" else None)
+    rho = sam_rho(config, lr)
     if s.name == "none":
-        return sam.sam_transform(0.0, axis_name=axis_name)
+        return sam.sam_transform(rho, axis_name=axis_name)
     if s.name == "sam":
-        return sam.sam_transform(s.rho, **common)
+        return sam.sam_transform(rho, **common)
     if s.name == "asam":
-        return sam.sam_transform(s.rho, adaptive=True, eta=s.eta, **common)
+        return sam.sam_transform(rho, adaptive=True, eta=s.eta, **common)
     if s.name == "gsam":
-        lr_max = config.optimizer.learning_rate
-        rho = sam.rho_following_lr(lr, s.rho, s.rho_min, lr_max=lr_max) if s.rho_min != s.rho else s.rho
         return sam.gsam_transform(rho, s.alpha, **common)
     if s.name == "looksam":
-        return sam.looksam_transform(s.rho, s.k, s.alpha, **common)
+        return sam.looksam_transform(rho, s.k, s.alpha, **common)
     raise ValueError(f"unknown sam.name {s.name!r}: use one of {', '.join(SAM_VARIANTS)} (--config.sam.name=...)")
 
 
@@ -348,7 +357,8 @@ def train_and_evaluate(
         )
     model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype)
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
-    rho_value = _rho_reporter(config, lr_schedule)
+    rho = sam_rho(config, lr_schedule)
+    rho_value = (lambda step: float(rho(step))) if callable(rho) else (lambda step: float(rho))
 
     os.makedirs(workdir, exist_ok=True)
     write_or_check_config(config, workdir, allow_change=allow_config_change)
@@ -434,13 +444,3 @@ def train_and_evaluate(
         record.update({f"test_{k}": v for k, v in test.items()})
     return record
 
-
-def _rho_reporter(config, lr_schedule) -> Callable[[int], float]:
-    """ρ at a step, for the logs (GSAM's ρ follows the learning rate)."""
-    s = config.sam
-    if s.name == "none":
-        return lambda step: 0.0
-    if s.name == "gsam" and s.rho_min != s.rho:
-        schedule = sam.rho_following_lr(lr_schedule, s.rho, s.rho_min, lr_max=config.optimizer.learning_rate)
-        return lambda step: float(schedule(step))
-    return lambda step: float(s.rho)

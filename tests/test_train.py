@@ -16,7 +16,7 @@ import pytest
 
 from jaxsam.checkpoint import Checkpoints
 from jaxsam.config import base_config
-from jaxsam.train import TrainState, make_optimizer, train_and_evaluate
+from jaxsam.train import make_optimizer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,12 +30,7 @@ def tiny_config(**overrides):
     c.train.eval_batch_size = 32
     c.train.num_epochs = 2
     c.optimizer.learning_rate = 0.05
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
