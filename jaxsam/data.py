@@ -626,7 +626,7 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[np.ndarray, np
 # ---------------------------------------------------------------------------
 # On device (jit-compatible).
 
-PAD = 4  # pixels of zero padding around the image before the random crop
+PAD = 4  # default pixels of zero padding around the image before the random crop
 
 # (x/255 - mean)/std for every uint8 value x and channel, computed in float64
 # and rounded once. Looking values up instead of computing them makes the
@@ -659,21 +659,23 @@ def normalize(images: jax.Array) -> jax.Array:
     return table[images.astype(jnp.int32), jnp.arange(3)]
 
 
-def _crop_and_flip_one(key: jax.Array, image: jax.Array) -> jax.Array:
+def _crop_and_flip_one(key: jax.Array, image: jax.Array, padding: int) -> jax.Array:
     height, width, channels = image.shape
     k_offset, k_flip = jax.random.split(key)
-    dy, dx = jax.random.randint(k_offset, (2,), 0, 2 * PAD + 1)
+    dy, dx = jax.random.randint(k_offset, (2,), 0, 2 * padding + 1)
     # Zero in uint8 before normalizing, as torchvision's RandomCrop(32, padding=4)
     # on PIL images: the border is black, not the mean colour.
-    padded = jnp.pad(image, ((PAD, PAD), (PAD, PAD), (0, 0)))
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     window = jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, channels))
     return jnp.where(jax.random.bernoulli(k_flip), window[:, ::-1, :], window)
 
 
-def crop_and_flip(key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0) -> jax.Array:
-    """Random crop of the 4-pixel zero-padded image, then a horizontal flip with probability 1/2.
+def crop_and_flip(
+    key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0, *, padding: int = PAD
+) -> jax.Array:
+    """Random crop of the zero-padded image (4 pixels by default), then a horizontal flip with probability 1/2.
 
-    Example i of the batch draws its offset (one of 9x9) and flip from
+    Example i of the batch draws its offset (one of 9x9 for padding 4) and flip from
     `fold_in(key, first_index + i)`: its position in the global batch. Under a
     per-device map, pass the device's first global index, and every example
     gets the same augmentation whatever the number of devices.
@@ -682,24 +684,31 @@ def crop_and_flip(key: jax.Array, images: jax.Array, first_index: jax.Array | in
       key: a PRNG key.
       images: uint8 (B, H, W, C).
       first_index: global batch position of images[0].
+      padding: pixels of zero border before the crop; 0 keeps only the flip.
 
     Returns:
       uint8 (B, H, W, C).
     """
     if images.ndim != 4:
         raise ValueError(f"crop_and_flip expects a batch (B, H, W, C) (got shape {images.shape})")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"crop padding must be an integer >= 0 (got {padding!r}); 4 is the standard CIFAR setting")
     positions = first_index + jnp.arange(images.shape[0])
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, positions)
-    return jax.vmap(_crop_and_flip_one)(keys, images)
+    return jax.vmap(lambda k, image: _crop_and_flip_one(k, image, padding))(keys, images)
 
 
-def augment(key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0) -> jax.Array:
+def augment(
+    key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0, *, padding: int = PAD
+) -> jax.Array:
     """The standard CIFAR training augmentation, on device: `normalize(crop_and_flip(key, images, first_index))`.
 
     Args:
       key: a PRNG key, e.g. `fold_in(fold_in(base_key, epoch), step)` for a
         resumable run.
       images: uint8 (B, 32, 32, 3).
+      first_index: global batch position of images[0].
+      padding: crop padding in pixels (`crop_and_flip`).
 
     Returns:
       float32 (B, 32, 32, 3), normalized.
@@ -710,4 +719,4 @@ def augment(key: jax.Array, images: jax.Array, first_index: jax.Array | int = 0)
       >>> jax.jit(augment)(jax.random.key(0), x).shape
       (8, 32, 32, 3)
     """
-    return normalize(crop_and_flip(key, images, first_index))
+    return normalize(crop_and_flip(key, images, first_index, padding=padding))

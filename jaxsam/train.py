@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from jaxsam import data, parallel, sam
 from jaxsam.checkpoint import Checkpoints
+from jaxsam.config import base_config
 from jaxsam.models import get_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -147,7 +148,9 @@ def create_train_state(model, tx, key: jax.Array, image_shape=(1, 32, 32, 3)) ->
     )
 
 
-def per_device_train_step(model, tx, *, label_smoothing: float = 0.0, per_device_sam: bool = True) -> Callable:
+def per_device_train_step(
+    model, tx, *, label_smoothing: float = 0.0, per_device_sam: bool = True, crop_padding: int = data.PAD
+) -> Callable:
     """The train step as one device sees it: `(state, images_uint8, labels) -> (state, sums)`.
 
     Must run under a mapping that names the "data" axis (`make_train_step`'s
@@ -165,7 +168,7 @@ def per_device_train_step(model, tx, *, label_smoothing: float = 0.0, per_device
     def step(state: TrainState, images, labels):
         n = labels.shape[0]
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        inputs = data.augment(step_key, images, first_index=jax.lax.axis_index(axis) * n)
+        inputs = data.augment(step_key, images, first_index=jax.lax.axis_index(axis) * n, padding=crop_padding)
 
         def loss_and_aux(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
@@ -199,14 +202,18 @@ def per_device_train_step(model, tx, *, label_smoothing: float = 0.0, per_device
     return step
 
 
-def make_train_step(model, tx, mesh, *, label_smoothing: float = 0.0, per_device_sam: bool = True) -> Callable:
+def make_train_step(
+    model, tx, mesh, *, label_smoothing: float = 0.0, per_device_sam: bool = True, crop_padding: int = data.PAD
+) -> Callable:
     """Jitted `(state, images_uint8, labels) -> (state, sums)` over every device of `mesh`.
 
     `per_device_train_step` mapped with `jax.shard_map` (pmap's programming
     model): replicated state, batch split over the "data" axis, state buffers donated.
     """
     axis = parallel.DATA_AXIS
-    step = per_device_train_step(model, tx, label_smoothing=label_smoothing, per_device_sam=per_device_sam)
+    step = per_device_train_step(
+        model, tx, label_smoothing=label_smoothing, per_device_sam=per_device_sam, crop_padding=crop_padding
+    )
     mapped = parallel.per_device(step, mesh, in_specs=(P(), P(axis), P(axis)), out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,))
 
@@ -269,8 +276,12 @@ def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, al
         with open(path) as f:
             saved = _flat(ml_collections.ConfigDict(json.load(f)))
         current = _flat(config)
+        defaults = _flat(base_config(current.get("size")))
+        # A field the saved run predates counts as its default (older workdirs stay resumable).
         differs = sorted(
-            k for k in set(saved) | set(current) if k not in _RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+            k
+            for k in set(saved) | set(current)
+            if k not in _RESUMABLE_FIELDS and saved.get(k, defaults.get(k)) != current.get(k)
         )
         if not differs:
             return
@@ -288,6 +299,68 @@ def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, al
     with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was made with (its config.json), fields it predates filled with their defaults."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{workdir} has no config.json: pass the folder of a run made by scripts/train.py")
+    with open(path) as f:
+        saved = _flat(ml_collections.ConfigDict(json.load(f)))
+    config = base_config(saved.get("size"))
+    unknown = sorted(set(saved) - set(_flat(config)))
+    if unknown:
+        raise ValueError(f"{path} has fields this jaxsam does not know ({', '.join(unknown[:4])}): update jaxsam")
+    config.update_from_flattened_dict(saved)
+    return config
+
+
+@flax.struct.dataclass
+class Run:
+    """A trained run loaded from its workdir (`load_run`)."""
+
+    config: ml_collections.ConfigDict = flax.struct.field(pytree_node=False)
+    model: Any = flax.struct.field(pytree_node=False)
+    dataset: data.Dataset = flax.struct.field(pytree_node=False)
+    steps_per_epoch: int = flax.struct.field(pytree_node=False)
+    state: TrainState
+    initial_state: TrainState
+
+    def learning_rate(self) -> float:
+        """The learning rate of the run's last step (what its final update used)."""
+        return float(learning_rate_schedule(self.config, self.steps_per_epoch)(max(int(self.state.step) - 1, 0)))
+
+
+def load_run(workdir: str, *, step: int | None = None) -> Run:
+    """Loads a run's config, data, network and checkpointed state (the latest, or `step`).
+
+    `initial_state` is the run's state at step 0 (same seed), for init -> final interpolation.
+    """
+    config = read_config(workdir)
+    dataset = load_data(config)
+    model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype)
+    steps_per_epoch = data.steps_per_epoch(len(dataset.train), config.train.batch_size)
+    tx, _ = make_optimizer(config, steps_per_epoch)
+    initial = create_train_state(model, tx, jax.random.key(config.seed))
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+    try:
+        available = checkpoints.all_steps()
+        if not available:
+            raise ValueError(f"{workdir} has no checkpoint yet: train it first (scripts/train.py)")
+        if step is not None and step not in available:
+            raise ValueError(f"{workdir} has no checkpoint at step {step} (it has {sorted(available)})")
+        state = checkpoints.restore(initial, step if step is not None else max(available))
+    finally:
+        checkpoints.close()
+    return Run(
+        config=config,
+        model=model,
+        dataset=dataset,
+        steps_per_epoch=steps_per_epoch,
+        state=state,
+        initial_state=initial,
+    )
 
 
 class MetricsLog:
@@ -371,9 +444,19 @@ def train_and_evaluate(
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
 
     train_step = make_train_step(
-        model, tx, mesh, label_smoothing=config.train.label_smoothing, per_device_sam=config.sam.per_device
+        model,
+        tx,
+        mesh,
+        label_smoothing=config.train.label_smoothing,
+        per_device_sam=config.sam.per_device,
+        crop_padding=config.data.crop_padding,
     )
     eval_step = make_eval_step(model, mesh)
+    tracker = None
+    if config.track.every_epochs > 0:
+        from jaxsam.geometry.track import make_tracker
+
+        tracker = make_tracker(config.track, model, dataset.train.images, dataset.train.labels)
     num_epochs = config.train.num_epochs
     batch_size = config.train.batch_size
     total_steps = num_epochs * steps_per_epoch
@@ -425,6 +508,9 @@ def train_and_evaluate(
         if dataset.validation is not None:
             val = evaluate(eval_step, state, dataset.validation, config.train.eval_batch_size, mesh)
             record.update({f"validation_{k}": v for k, v in val.items()})
+        if tracker is not None and finished and (epoch + 1) % config.track.every_epochs == 0:
+            key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
+            record.update(tracker(state.params, state.batch_stats, key))
         record["epoch_seconds"] = time.time() - epoch_start
         log.write(record)
         bar.set_postfix(

@@ -40,11 +40,11 @@ def test_train_script_on_real_cifar10(tmp_path, request):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = out.stdout.strip().splitlines()[-1]
-    assert summary.startswith(f"done: {workdir}: epoch 1/1, step 4, test accuracy "), summary
+    assert summary.startswith(f"done: {workdir}: epoch 1/1, step 8, test accuracy "), summary
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epoch = records[-1]
-    assert epoch["epoch_done"] and epoch["step"] == 4
-    # 1,000 real test images: a network trained for 4 steps is near chance, but the number is real.
+    assert epoch["epoch_done"] and epoch["step"] == 8  # 512 images, batch 64
+    # 1,000 real test images: a network trained for 8 steps is near chance, but the number is real.
     assert 0.05 < epoch["test_accuracy"] < 0.5
     assert f"{epoch['test_accuracy']:.4f}" in summary
     for key in ("train_loss", "train_accuracy", "test_loss", "lr", "train_images_per_sec", "epoch_seconds"):

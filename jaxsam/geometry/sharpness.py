@@ -1,0 +1,425 @@
+"""Sharpness of a minimum: worst-case and average-case loss increase in a ball.
+
+Worst-case sharpness (Keskar et al. 2017; Foret et al. 2021, the quantity SAM
+minimizes) is
+
+    S_max(w, ρ) = max_{‖δ‖ ≤ ρ} L(w + c ⊙ δ) − L(w),
+
+found here by projected gradient ascent on δ with `jax.grad` — the loss
+difference itself, never its first-order proxy ρ‖∇L‖. c = 1 gives the plain
+ball; c = |w| gives adaptive sharpness (Kwon et al. 2021; Andriushchenko,
+Croce, Müller, Hein & Flammarion 2023, "A Modern Look at the Relationship
+between Sharpness and Generalization"), which is invariant to the rescalings
+of ReLU networks that leave the function unchanged. ‖·‖ is L2 (normalized
+gradient steps) or L∞ (sign steps). The step size follows APGD (Croce & Hein
+2020): start at 2ρ, momentum 0.75, halve and restart from the best point at
+checkpoints where the ascent stopped making progress; the best iterate is
+kept, so more steps never lower the value.
+
+m-sharpness (Foret et al. 2021; Andriushchenko & Flammarion 2022): with `m`
+set, the ascent runs separately on each chunk of m examples and the chunks'
+values are averaged.
+
+Average-case sharpness is E_δ[L(w + c ⊙ δ)] − L(w) with δ ~ N(0, σ²I),
+estimated by Monte Carlo with its standard error.
+
+`first_order_sharpness` is ρ‖c ⊙ ∇L‖: what the original PyTorch study logged
+as "sharpness". It is the first-order Taylor term of S_max, here only for
+comparison, and labelled so in its record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsam.geometry import loss as loss_lib
+from jaxsam.geometry.records import Record
+
+NORMS = ("l2", "linf")
+_MOMENTUM = 0.75  # APGD's momentum (Croce & Hein 2020)
+_PROGRESS = 0.75  # APGD: halve the step when fewer than 75% of steps since the last checkpoint raised the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class WorstCaseResult(Record):
+    """max over the ball of L(w + c⊙δ) − L(w), with the ascent's diagnostics.
+
+    Attributes:
+      value: the sharpness (mean over chunks for m-sharpness).
+      standard_error: over chunks for m-sharpness, else 0.
+      loss: L(w) (mean over chunks for m-sharpness).
+      perturbed_loss: L(w + c⊙δ*) at the best δ found.
+      delta_norm: ‖δ*‖ in the ball's own norm (≤ rho).
+      at_boundary: whether δ* lies on the sphere (‖δ*‖ ≥ 0.999 ρ); an interior
+        maximum means the loss peaks inside the ball.
+      curve: the best loss difference after each ascent step (steps,); for
+        m-sharpness, averaged over chunks.
+      values: per-chunk values for m-sharpness, else [value].
+      rho, norm, adaptive, steps, m: the settings.
+      loss_info: what loss was measured (`make_loss_fn`'s info).
+    """
+
+    value: float
+    standard_error: float
+    loss: float
+    perturbed_loss: float
+    delta_norm: float
+    at_boundary: bool
+    curve: np.ndarray
+    values: np.ndarray
+    rho: float
+    norm: str
+    adaptive: bool
+    steps: int
+    m: int | None
+    loss_info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class AverageCaseResult(Record):
+    """E[L(w + c⊙δ)] − L(w), δ ~ N(0, σ²I), by Monte Carlo.
+
+    Attributes:
+      value: the mean loss increase.
+      standard_error: sample standard deviation / sqrt(n).
+      loss: L(w).
+      samples: the n loss increases.
+      sigma, n, adaptive: the settings.
+      loss_info: what loss was measured.
+    """
+
+    value: float
+    standard_error: float
+    loss: float
+    samples: np.ndarray
+    sigma: float
+    n: int
+    adaptive: bool
+    loss_info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOrderResult(Record):
+    """ρ‖c⊙∇L(w)‖: the first-order proxy of worst-case sharpness (what the original study logged).
+
+    Not a sharpness measure by itself: it is zero at any critical point, however sharp.
+    """
+
+    value: float
+    gradient_norm: float
+    rho: float
+    adaptive: bool
+    loss_info: dict
+    label: str = "first-order proxy rho*||grad L||, not the loss increase"
+
+
+# ---------------------------------------------------------------- ball geometry
+
+
+def _ball_scale(params: Any, adaptive: bool, mask: Any | None) -> Any:
+    """c: the elementwise map from ball coordinates δ to weight perturbations ε = c ⊙ δ."""
+    scale = jax.tree.map(jnp.abs, params) if adaptive else jax.tree.map(jnp.ones_like, params)
+    if mask is not None:
+        scale = jax.tree.map(lambda s, keep: s * jnp.asarray(keep, s.dtype), scale, mask)
+    return scale
+
+
+def _norm(tree: Any, norm: str) -> jax.Array:
+    if norm == "l2":
+        return optax.tree.norm(tree)
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _project(delta: Any, rho: float, norm: str) -> Any:
+    """The nearest point of the ball {‖δ‖ ≤ ρ} (Euclidean projection for both norms)."""
+    if norm == "l2":
+        size = optax.tree.norm(delta)
+        return optax.tree.scale(jnp.minimum(1.0, rho / jnp.maximum(size, 1e-30)), delta)
+    return jax.tree.map(lambda d: jnp.clip(d, -rho, rho), delta)
+
+
+def _steepest(grad: Any, norm: str) -> Any:
+    """Unit-norm steepest-ascent direction: g/‖g‖₂ for L2, sign(g) for L∞."""
+    if norm == "l2":
+        return optax.tree.scale(1.0 / jnp.maximum(optax.tree.norm(grad), 1e-30), grad)
+    return jax.tree.map(jnp.sign, grad)
+
+
+def _checkpoints(steps: int) -> np.ndarray:
+    """APGD's checkpoints: p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), as step indices."""
+    fractions = [0.0, 0.22]
+    while fractions[-1] < 1.0:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    marks = np.zeros(steps + 1, bool)
+    for p in fractions[1:]:
+        index = int(np.ceil(p * steps))
+        if 0 < index <= steps:
+            marks[index] = True
+    return marks
+
+
+def _ascent(objective: Callable[[Any], jax.Array], delta0: Any, rho: float, norm: str, steps: int):
+    """APGD-style projected ascent of `objective(δ)` over the ball; returns (best δ, best value, curve).
+
+    The step size starts at 2ρ; at each checkpoint it is halved (and the
+    iterate reset to the best point) when fewer than 75% of the steps since
+    the previous checkpoint raised the objective, or when neither the step
+    size nor the best value changed since then (Croce & Hein 2020, Alg. 1).
+    """
+    marks = jnp.asarray(_checkpoints(steps))
+    value_and_grad = jax.value_and_grad(objective)
+    f0, g0 = value_and_grad(delta0)
+
+    def body(i, carry):
+        (x, x_prev, f_x, g_x, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve) = carry
+        z = _project(optax.tree.add_scale(x, eta, _steepest(g_x, norm)), rho, norm)
+        # Momentum after the first step, as APGD: x + α(z − x) + (1 − α)(x − x_prev).
+        alpha = jnp.where(i == 0, 1.0, _MOMENTUM)
+        moved = jax.tree.map(lambda a, b, c: a + alpha * (b - a) + (1 - alpha) * (a - c), x, z, x_prev)
+        # Keep δ in the parameters' dtypes (the step size may be wider, e.g. float64 loss of float32 params).
+        x_new = optax.tree.cast_like(_project(moved, rho, norm), delta0)
+        f_new, g_new = value_and_grad(x_new)
+        improved = f_new > f_x
+        better = f_new > f_best
+        best = jax.tree.map(lambda n, b: jnp.where(better, n, b), x_new, best)
+        # The best point's gradient is kept so that a restart needs no extra gradient pass.
+        g_best = jax.tree.map(lambda n, b: jnp.where(better, n, b), g_new, g_best)
+        f_best = jnp.where(better, f_new, f_best)
+        successes = successes + improved
+        since = since + 1
+        curve = curve.at[i].set(f_best)
+
+        # Checkpoint: decide whether to halve the step and restart from the best point.
+        at_mark = marks[i + 1]
+        stalled = (successes < _PROGRESS * since) | ((~eta_changed) & (f_best <= f_best_mark))
+        halve = at_mark & stalled
+        eta = jnp.where(halve, eta / 2, eta)
+        x_prev = jax.tree.map(lambda b, n, o: jnp.where(halve, b, o), best, x_new, x)
+        x_new = jax.tree.map(lambda b, n: jnp.where(halve, b, n), best, x_new)
+        f_x = jnp.where(halve, f_best, f_new)
+        g_x = jax.tree.map(lambda b, n: jnp.where(halve, b, n), g_best, g_new)
+        successes = jnp.where(at_mark, 0, successes)
+        since = jnp.where(at_mark, 0, since)
+        f_best_mark = jnp.where(at_mark, f_best, f_best_mark)
+        eta_changed = jnp.where(at_mark, halve, eta_changed)
+        return (x_new, x_prev, f_x, g_x, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve)
+
+    dtype = jnp.result_type(f0)
+    init = (
+        delta0, delta0, f0, g0, delta0, f0, g0,
+        jnp.asarray(2.0 * rho, dtype), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32),
+        f0, jnp.asarray(True), jnp.zeros([steps], dtype),
+    )  # fmt: skip
+    final = jax.lax.fori_loop(0, steps, body, init)
+    return final[4], final[5], final[12]
+
+
+# ------------------------------------------------------------------- measures
+
+
+def _check(rho: float, norm: str, steps: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0 (got {rho}); e.g. rho=0.05 for L2, 0.002 for adaptive L∞")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+
+
+def _start(key: jax.Array, params: Any, rho: float, norm: str) -> Any:
+    # A tiny random start (1% of ρ) so that the ascent also leaves exact
+    # critical points, where the gradient is zero and gives no direction.
+    noise = optax.tree.random_like(key, params, jax.random.normal)
+    return optax.tree.scale(0.01 * rho / jnp.maximum(_norm(noise, norm), 1e-30), noise)
+
+
+def worst_case_ascent(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    *,
+    rho: float,
+    norm: str = "l2",
+    adaptive: bool = False,
+    steps: int = 20,
+    mask: Any | None = None,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The traceable core of `worst_case_sharpness` (no checks, no host transfer; use inside jit).
+
+    Returns:
+      (sharpness, L(w), L(w + c⊙δ*), ‖δ*‖, curve of the best loss increase per step).
+    """
+    scale = _ball_scale(params, adaptive, mask)
+
+    def objective(delta):
+        return loss_fn(jax.tree.map(lambda w, c, d: w + c * d, params, scale, delta))
+
+    best, f_best, curve = _ascent(objective, _start(key, params, rho, norm), rho, norm, steps)
+    base = loss_fn(params)
+    return f_best - base, base, f_best, _norm(best, norm), curve - base
+
+
+def worst_case_sharpness(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    rho: float,
+    *,
+    norm: str = "l2",
+    adaptive: bool = False,
+    steps: int = 20,
+    m: int | None = None,
+    mask: Any | None = None,
+    key: jax.Array | None = None,
+) -> WorstCaseResult:
+    """max_{‖δ‖ ≤ ρ} L(w + c⊙δ) − L(w) by projected gradient ascent (see module docstring).
+
+    Args:
+      loss_fn: `params -> scalar`, e.g. from `make_loss_fn`. m-sharpness needs
+        one built by `make_loss_fn`.
+      params: the point w.
+      rho: the ball's radius (in δ coordinates: relative to |w| when adaptive).
+      norm: "l2" or "linf".
+      adaptive: c = |w| (scale-invariant, Andriushchenko et al. 2023) instead of c = 1.
+      steps: gradient-ascent steps (each one gradient of the loss).
+      m: if set, the ascent runs per chunk of m examples and values are averaged.
+      mask: optional pytree of bools like params; False leaves that entry unperturbed.
+      key: PRNG key of the tiny random start (default key 0: deterministic).
+
+    Returns:
+      A `WorstCaseResult`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss = lambda w: 0.5 * jnp.sum(jnp.array([4.0, 1.0]) * w**2)
+      >>> r = worst_case_sharpness(loss, jnp.zeros(2), 0.1, steps=50)
+      >>> round(float(r.value), 6)  # ½ ρ² λmax
+      0.02
+    """
+    _check(rho, norm, steps)
+    if m is not None and getattr(loss_fn, "batch_sums", None) is None:
+        raise ValueError("m-sharpness needs a loss built by make_loss_fn (it must know its examples); or leave m=None")
+    key = jax.random.key(0) if key is None else key
+    settings = dict(rho=rho, norm=norm, adaptive=adaptive, steps=steps, mask=mask, key=key)
+    if m is None:
+        value, base, top, size, curve = jax.jit(lambda p: worst_case_ascent(loss_fn, p, **settings))(params)
+        values = jnp.reshape(value, (1,))
+        std_err = jnp.zeros([], value.dtype)
+    else:
+        images, labels, masks = loss_fn.chunks(m)
+        batch_sums = loss_fn.batch_sums
+
+        def per_chunk(params, chunk):
+            x, y, w = chunk
+            return worst_case_ascent(lambda p: batch_sums(p, x, y, w)[0] / jnp.sum(w), params, **settings)
+
+        run = jax.jit(lambda p: jax.lax.map(lambda chunk: per_chunk(p, chunk), (images, labels, masks)))
+        values, bases, tops, sizes, curves = run(params)
+        value, base, top, size, curve = values.mean(), bases.mean(), tops.mean(), sizes.max(), curves.mean(0)
+        std_err = values.std(ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else jnp.zeros([])
+    return WorstCaseResult(
+        value=float(value),
+        standard_error=float(std_err),
+        loss=float(base),
+        perturbed_loss=float(top),
+        delta_norm=float(size),
+        at_boundary=bool(size >= 0.999 * rho),
+        curve=np.asarray(curve),
+        values=np.asarray(values),
+        rho=float(rho),
+        norm=norm,
+        adaptive=adaptive,
+        steps=steps,
+        m=m,
+        loss_info=loss_lib.info_of(loss_fn),
+    )
+
+
+def average_case_samples(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    sigma: float,
+    keys: jax.Array,
+    *,
+    adaptive: bool = False,
+    mask: Any | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The traceable core of `average_case_sharpness`: (L(w + σc⊙δ_i) − L(w) per key, L(w)), via `lax.map`."""
+    scale = _ball_scale(params, adaptive, mask)
+
+    def perturbed(k):
+        noise = optax.tree.random_like(k, params, jax.random.normal)
+        return loss_fn(jax.tree.map(lambda w, c, d: w + sigma * c * d, params, scale, noise))
+
+    base = loss_fn(params)
+    return jax.lax.map(perturbed, keys) - base, base
+
+
+def average_case_sharpness(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    sigma: float,
+    key: jax.Array,
+    *,
+    n: int = 32,
+    adaptive: bool = False,
+    mask: Any | None = None,
+) -> AverageCaseResult:
+    """E[L(w + c⊙δ)] − L(w), δ ~ N(0, σ²I), over n Gaussian draws (evaluated with `lax.map`).
+
+    Args:
+      loss_fn: `params -> scalar`.
+      params: the point w.
+      sigma: standard deviation of each entry of δ (relative to |w| when adaptive).
+      key: PRNG key of the draws.
+      n: number of draws (n ≥ 2 for a standard error).
+      adaptive: c = |w| instead of 1.
+      mask: optional pytree of bools; False entries are not perturbed.
+
+    Returns:
+      An `AverageCaseResult`; value ± standard_error.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 (got {sigma})")
+    if n < 2:
+        raise ValueError(f"n must be >= 2 for a standard error (got {n})")
+    run = jax.jit(lambda p, keys: average_case_samples(loss_fn, p, sigma, keys, adaptive=adaptive, mask=mask))
+    increases, base = run(params, jax.random.split(key, n))
+    samples = np.asarray(increases)
+    return AverageCaseResult(
+        value=float(samples.mean()),
+        standard_error=float(samples.std(ddof=1) / np.sqrt(n)),
+        loss=float(base),
+        samples=samples,
+        sigma=float(sigma),
+        n=n,
+        adaptive=adaptive,
+        loss_info=loss_lib.info_of(loss_fn),
+    )
+
+
+def first_order_sharpness(
+    loss_fn: Callable[[Any], jax.Array], params: Any, rho: float, *, adaptive: bool = False
+) -> FirstOrderResult:
+    """ρ‖c⊙∇L(w)‖₂ — the first-order proxy the original study logged; for comparison only.
+
+    Args:
+      loss_fn: `params -> scalar`.
+      params: the point w.
+      rho: the radius.
+      adaptive: c = |w| instead of 1.
+
+    Returns:
+      A `FirstOrderResult` (value and the gradient norm).
+    """
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    scale = _ball_scale(params, adaptive, None)
+    size = float(optax.tree.norm(jax.tree.map(jnp.multiply, scale, grads)))
+    return FirstOrderResult(
+        value=rho * size, gradient_norm=size, rho=float(rho), adaptive=adaptive, loss_info=loss_lib.info_of(loss_fn)
+    )

@@ -1,0 +1,132 @@
+"""Geometry of trained runs: tracked during training, measured after it (scripts/measure.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsam.config import base_config
+from jaxsam.geometry import hessian, sharpness
+from jaxsam.geometry.loss import make_loss_fn
+from jaxsam.geometry.measure import MEASURES, measure_options, measure_run
+from jaxsam.train import load_run, read_config, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRACK = {
+    "track.every_epochs": 1,
+    "track.measures": "lambda_max,worst_case,average_case,first_order",
+    "track.n_examples": 40,
+    "track.batch_size": 16,
+    "track.lanczos_iters": 6,
+    "track.ascent_steps": 3,
+    "track.samples": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def adam_run(tmp_path_factory):
+    """A two-epoch Adam run on synthetic data with every tracked measure on."""
+    c = base_config("smoke")
+    c.train.progress = False
+    c.data.synthetic_train = 96
+    c.data.synthetic_test = 32
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 32
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    c.update_from_flattened_dict(TRACK)
+    workdir = str(tmp_path_factory.mktemp("adam_run"))
+    train_and_evaluate(c, workdir)
+    return c, workdir
+
+
+def _epochs(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "test_accuracy" in r]
+
+
+def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_run):
+    config, workdir = adam_run
+    epochs = _epochs(workdir)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        for name in ("loss", "lambda_max", "worst_case", "average_case", "first_order", "seconds"):
+            assert np.isfinite(r[f"track_{name}"]), (name, r)
+    last = epochs[-1]
+    run = load_run(workdir)
+    n = config.track.n_examples
+    loss_fn = make_loss_fn(run.model, {"params": run.state.params, "batch_stats": run.state.batch_stats},
+                           run.dataset.train.images[:n], run.dataset.train.labels[:n], batch_size=16)  # fmt: skip
+    params = run.state.params
+    assert last["track_loss"] == pytest.approx(float(loss_fn(params)), rel=1e-5)
+    # A few Lanczos steps give a lower bound of λmax, already close for the top of the spectrum.
+    top = hessian.top_eigenvalues(loss_fn, params, jax.random.key(0), k=1, iters=40).eigenvalues[0]
+    assert 0.8 * top <= last["track_lambda_max"] <= top * (1 + 1e-4)
+    # Three ascent steps give a lower bound of the 30-step maximum.
+    full = sharpness.worst_case_sharpness(loss_fn, params, config.track.rho, steps=30).value
+    assert 0 < last["track_worst_case"] <= full * (1 + 1e-4)
+    first = sharpness.first_order_sharpness(loss_fn, params, config.track.rho).value
+    assert last["track_first_order"] == pytest.approx(first, rel=1e-4)
+
+
+def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
+    _, workdir = adam_run
+    options = measure_options("smoke")
+    results = measure_run(workdir, options, progress=False, log=lambda line: None)
+    train = results["splits"]["train"]
+    assert set(train) == set(MEASURES)  # an Adam run: the preconditioned measure too
+    assert train["worst_case"]["value"] > 0 and train["worst_case"]["loss_info"]["subset"] == "train[:64]"
+    assert train["preconditioned"]["eigenvalue"] > 0
+    assert all(record["seconds"] > 0 for record in train.values())
+    for path in results["figures"].values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {os.path.basename(p) for p in results["figures"].values()} == {
+        "train_interpolation.png", "train_slice_1d.png", "train_surface_2d.png", "train_density.png"
+    }  # fmt: skip
+    with open(os.path.join(workdir, "geometry", "geometry.json")) as f:
+        assert json.load(f)["splits"]["train"]["trace"]["trace"] == train["trace"]["trace"]
+    options.measures = "first_order"
+    measure_run(workdir, options, progress=False, log=lambda line: None)
+    with open(os.path.join(workdir, "geometry", "geometry.1.json")) as f:
+        assert set(json.load(f)["splits"]["train"]) == set(MEASURES)  # the earlier measurement is kept
+    options.measures, options.recalibrate, options.calibration_examples = "interpolation", True, 64
+    curves = measure_run(workdir, options, progress=False, log=lambda line: None)["splits"]["train"]["interpolation"]
+    stale = train["interpolation"]["init -> final"]
+    fresh = curves["init -> final"]
+    assert fresh["recalibrated"] and not stale["recalibrated"]
+    # The statistics are recomputed at every point: the curve differs from the stale-statistics one.
+    assert not np.allclose(fresh["loss"], stale["loss"])
+
+
+def test_read_config_fills_fields_an_older_run_predates(adam_run, tmp_path):
+    _, workdir = adam_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    del saved["track"], saved["data"]["crop_padding"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = read_config(str(tmp_path))
+    assert config.track.every_epochs == 0 and config.data.crop_padding == 4
+
+
+def test_measure_script_refuses_a_folder_that_is_not_a_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "measure.py"), f"--workdir={tmp_path}"],
+        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path} has no config.json: pass the folder of a run made by scripts/train.py"
+
+
+def test_unknown_measures_are_refused_with_the_list(adam_run):
+    _, workdir = adam_run
+    options = measure_options("smoke")
+    options.measures = "worst_case,flatness"
+    with pytest.raises(ValueError, match="unknown measure.*choose from worst_case"):
+        measure_run(workdir, options, progress=False)
