@@ -18,6 +18,13 @@ from jaxsam.geometry.measure import MEASURES, measure_options, measure_run
 from jaxsam.train import load_run, read_config, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU runs convolution gradients inside loops ~10x slower (docs/DESIGN.md,
+# scripts/bench_loops.py): measuring even the smoke ResNet takes minutes, past
+# CI's budget. These run again once the CPU path drives its loops from Python.
+SLOW_ON_CPU = pytest.mark.skipif(
+    jax.default_backend() == "cpu" and not os.environ.get("JAXSAM_SLOW_GEOMETRY_TESTS"),
+    reason="CPU loop-gradient slowdown (issue 4); set JAXSAM_SLOW_GEOMETRY_TESTS=1 to run",
+)
 TRACK = {
     "track.every_epochs": 1,
     "track.measures": "lambda_max,worst_case,average_case,first_order",
@@ -51,6 +58,7 @@ def _epochs(workdir):
         return [r for r in map(json.loads, f) if "test_accuracy" in r]
 
 
+@SLOW_ON_CPU
 def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_run):
     config, workdir = adam_run
     epochs = _epochs(workdir)
@@ -75,6 +83,7 @@ def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_ru
     assert last["track_first_order"] == pytest.approx(first, rel=1e-4)
 
 
+@SLOW_ON_CPU
 def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")
@@ -105,6 +114,7 @@ def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     assert not np.allclose(fresh["loss"], stale["loss"])
 
 
+@SLOW_ON_CPU
 def test_read_config_fills_fields_an_older_run_predates(adam_run, tmp_path):
     _, workdir = adam_run
     with open(os.path.join(workdir, "config.json")) as f:
@@ -124,6 +134,7 @@ def test_measure_script_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path} has no config.json: pass the folder of a run made by scripts/train.py"
 
 
+@SLOW_ON_CPU
 def test_unknown_measures_are_refused_with_the_list(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")
