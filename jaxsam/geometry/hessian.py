@@ -403,7 +403,7 @@ def _uniform_vectors(key: jax.Array, n: int, dim: int, dtype: Any) -> list[jax.A
     return [_uniform_vector(key, i, dim, np.dtype(dtype)) for i in range(n)]
 
 
-def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
+def tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
     """T from `lanczos`'s output (betas[-1], the coupling to the next vector, is not in T)."""
     off = betas[:-1]
     return jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
@@ -441,7 +441,7 @@ def _lanczos_top(matvec: MatVec, starts: Sequence[jax.Array], k: int, iters: int
     """
     dim, dtype = starts[0].shape[0], starts[0].dtype
     alphas, betas, basis = lanczos(matvec, dim, None, iters, dtype, v0=starts[0], restart_seed=starts[1])
-    theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
+    theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
     order = jnp.argsort(theta)[::-1][:k]  # largest algebraic first
     values, s = theta[order], s[:, order]
     vectors = jnp.dot(s.T, basis, precision=_HIGHEST)
@@ -751,7 +751,7 @@ def spectral_density(
 
         def one(v0):
             alphas, betas, _ = lanczos(matvec, dim, None, m, dtype, v0=v0, restart_seed=draws[0])
-            theta, s = jnp.linalg.eigh(_tridiagonal(alphas, betas))
+            theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
             # Gauss quadrature: nodes are the Ritz values, weights the squared
             # first components of T's eigenvectors (‖v‖ = 1, so they sum to 1).
             return theta, s[0] ** 2

@@ -65,9 +65,7 @@ def make_tracker(
 
             iters = min(track.lanczos_iters, flat.shape[0])
             alphas, betas, _ = hessian.lanczos(matvec, flat.shape[0], keys["lambda_max"], iters, flat.dtype)
-            off = betas[:-1]  # betas[-1] couples to the next (unbuilt) Lanczos vector
-            tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
-            out["lambda_max"] = jnp.linalg.eigvalsh(tridiagonal)[-1]
+            out["lambda_max"] = jnp.linalg.eigvalsh(hessian.tridiagonal(alphas, betas))[-1]
         if "worst_case" in measures:
             value, *_ = sharpness.worst_case_ascent(
                 loss_fn, params, rho=track.rho, steps=track.ascent_steps, key=keys["worst_case"]
