@@ -326,6 +326,7 @@ class Run:
     steps_per_epoch: int = flax.struct.field(pytree_node=False)
     state: TrainState
     initial_state: TrainState
+    workdir: str = flax.struct.field(pytree_node=False, default="")
 
     def learning_rate(self) -> float:
         """The learning rate of the run's last step (what its final update used)."""
@@ -360,6 +361,7 @@ def load_run(workdir: str, *, step: int | None = None) -> Run:
         steps_per_epoch=steps_per_epoch,
         state=state,
         initial_state=initial,
+        workdir=workdir,
     )
 
 

@@ -18,13 +18,6 @@ from jaxsam.geometry.measure import MEASURES, measure_options, measure_run
 from jaxsam.train import load_run, read_config, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA:CPU runs convolution gradients inside loops ~10x slower (docs/DESIGN.md,
-# scripts/bench_loops.py): measuring even the smoke ResNet takes minutes, past
-# CI's budget. These run again once the CPU path drives its loops from Python.
-SLOW_ON_CPU = pytest.mark.skipif(
-    jax.default_backend() == "cpu" and not os.environ.get("JAXSAM_SLOW_GEOMETRY_TESTS"),
-    reason="CPU loop-gradient slowdown (issue 4); set JAXSAM_SLOW_GEOMETRY_TESTS=1 to run",
-)
 TRACK = {
     "track.every_epochs": 1,
     "track.measures": "lambda_max,worst_case,average_case,first_order",
@@ -58,7 +51,6 @@ def _epochs(workdir):
         return [r for r in map(json.loads, f) if "test_accuracy" in r]
 
 
-@SLOW_ON_CPU
 def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_run):
     config, workdir = adam_run
     epochs = _epochs(workdir)
@@ -83,7 +75,6 @@ def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_ru
     assert last["track_first_order"] == pytest.approx(first, rel=1e-4)
 
 
-@SLOW_ON_CPU
 def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")
@@ -92,6 +83,8 @@ def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     assert set(train) == set(MEASURES)  # an Adam run: the preconditioned measure too
     assert train["worst_case"]["value"] > 0 and train["worst_case"]["loss_info"]["subset"] == "train[:64]"
     assert train["preconditioned"]["eigenvalue"] > 0
+    assert train["preconditioned"]["adam_threshold_at_peak"] == pytest.approx(38 / 1e-3)  # (2+2·0.9)/(0.1·η)
+    assert "eigenvectors" not in train["lambda_max"]  # parameter-sized: kept out of geometry.json
     assert all(record["seconds"] > 0 for record in train.values())
     for path in results["figures"].values():
         with open(path, "rb") as f:
@@ -114,7 +107,6 @@ def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     assert not np.allclose(fresh["loss"], stale["loss"])
 
 
-@SLOW_ON_CPU
 def test_read_config_fills_fields_an_older_run_predates(adam_run, tmp_path):
     _, workdir = adam_run
     with open(os.path.join(workdir, "config.json")) as f:
@@ -134,7 +126,6 @@ def test_measure_script_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path} has no config.json: pass the folder of a run made by scripts/train.py"
 
 
-@SLOW_ON_CPU
 def test_unknown_measures_are_refused_with_the_list(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")

@@ -29,10 +29,13 @@ a few tens to hundreds of them.
 Conventions: a measure takes `(loss_fn, params, ...)` where `loss_fn(params)`
 is a pure, jit-able scalar function of a parameter pytree (for example a
 `jaxsam.geometry.loss.LossFunction`, whose `.info` is copied into each
-result's `loss_info` field). The heavy loops run inside one `jax.jit` per call
-(`lax.fori_loop`, `lax.while_loop`, `lax.map`), so a call traces and compiles
-once; JAX's persistent compilation cache lets repeated calls on the same
-model reuse the compiled program. Eigen-solvers work on the flattened
+result's `loss_info` field). On GPU and TPU the heavy loops run inside one
+`jax.jit` per call (`lax.fori_loop`, `lax.while_loop`, `lax.map`), so a call
+traces and compiles once; JAX's persistent compilation cache lets repeated
+calls on the same model reuse the compiled program. On the CPU backend the
+same loops are driven from Python, one compiled Hessian-vector product per
+microbatch and one compiled update per step (`driver`: XLA:CPU runs
+convolution gradients inside loops about 10x slower). Eigen-solvers work on the flattened
 parameter vector (`jax.flatten_util.ravel_pytree`), which keeps the Krylov
 algebra simple and exact; the Hutchinson estimator works on pytrees. The
 parameters' dtype is kept (float64 parameters give float64 results when
@@ -59,6 +62,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from jaxsam.geometry import driver
 from jaxsam.geometry import loss as loss_lib
 from jaxsam.geometry import records
 
@@ -273,6 +277,35 @@ def _flat_hvp(loss_fn: LossFn, params: Params) -> tuple[MatVec, jax.Array, Calla
     return matvec, flat, unravel
 
 
+@jax.jit
+def _ravel(tree: Params) -> jax.Array:
+    return ravel_pytree(tree)[0]
+
+
+@jax.jit
+def _unravel(x: jax.Array, like: Params) -> Params:
+    """The flat vector x as a pytree like `like` (in like's dtypes)."""
+    flat, unravel = ravel_pytree(like)
+    return unravel(x.astype(flat.dtype))
+
+
+@jax.jit
+def _unravel_rows(rows: jax.Array, like: Params) -> Params:
+    """Each row of `rows` as a pytree like `like`, stacked on a leading axis."""
+    flat, unravel = ravel_pytree(like)
+    return jax.vmap(unravel)(rows.astype(flat.dtype))
+
+
+def _host_flat_hvp(loss_fn: LossFn, params: Params) -> MatVec:
+    """Host-driven matvec on flat vectors (see `driver`): x ↦ H x, each product summed over microbatches."""
+    product = driver.hvp(loss_fn)
+
+    def matvec(x):
+        return _ravel(product(params, _unravel(x, params))).astype(x.dtype)
+
+    return matvec
+
+
 def _flat_spec(tree: Params) -> tuple[int, Any]:
     """(length, dtype) of the flattened pytree, without computing it.
 
@@ -303,10 +336,14 @@ def lanczos(
     *,
     v0: Optional[jax.Array] = None,
     restart_seed: Optional[jax.Array] = None,
+    host: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Lanczos tridiagonalization of a symmetric operator with full reorthogonalization.
 
-    Traceable: call it inside `jax.jit` (the loop is a `lax.fori_loop`).
+    Traceable: call it inside `jax.jit` (the loop is a `lax.fori_loop`). With
+    `host=True` the loop runs in Python instead (see `driver`): `matvec` then
+    takes and returns concrete arrays, and each step's update is one
+    compiled call shared by every run of the same size.
 
     Args:
       matvec: `x -> A x` on (dim,) vectors, A symmetric.
@@ -323,6 +360,8 @@ def lanczos(
         draws no random numbers. The measures here draw both vectors in a
         separate, cached program and pass them in: random number generation
         would otherwise be about a third of each measure's compile time on CPU.
+      host: run the loop in Python (`matvec` on concrete arrays; see
+        `driver`) instead of a `lax.fori_loop`; same numbers.
 
     Returns:
       (alphas (m,), betas (m,), basis (m, dim)): the tridiagonal matrix T
@@ -351,41 +390,49 @@ def lanczos(
     v0 = jnp.asarray(v0, dtype)
     restart_seed = jnp.asarray(restart_seed, dtype)
     v0 = v0 / jnp.linalg.norm(v0)
-    eps, tiny = jnp.finfo(dtype).eps, jnp.finfo(dtype).tiny
-
-    def body(j, carry):
-        basis, alphas, betas, v, v_prev, beta_prev, scale = carry
-        w = matvec(v) - beta_prev * v_prev
-        alpha = jnp.dot(v, w, precision=_HIGHEST)
-        w = w - alpha * v
-        # Full reorthogonalization against every stored vector (rows past j
-        # are still zero): keeps the basis orthonormal, so no spurious copies
-        # of converged Ritz values appear.
-        w = _orthogonalize(w, basis)
-        beta = jnp.linalg.norm(w)
-        scale = jnp.maximum(scale, jnp.abs(alpha) + beta_prev)
-        # Breakdown: an invariant subspace was found (w is rounding noise).
-        # Continue from a new direction orthogonal to the basis and record a
-        # zero coupling, so T decouples into exact blocks. (A select rather
-        # than lax.cond: both sides are cheap next to matvec, and it compiles
-        # faster.)
-        breakdown = beta <= 100 * eps * scale
-        r = _orthogonalize(jnp.roll(restart_seed, j), basis)
-        r = r / jnp.maximum(jnp.linalg.norm(r), tiny)  # r = 0 only after the last step (m = dim)
-        v_next = jnp.where(breakdown, r, w / jnp.where(breakdown, 1, beta))
-        beta = jnp.where(breakdown, 0, beta)
-        # Row `iters` of the basis is scratch (never read back), so the update
-        # at j + 1 stays in bounds on the last step.
-        basis = lax.dynamic_update_index_in_dim(basis, v_next, j + 1, 0)
-        alphas = lax.dynamic_update_index_in_dim(alphas, alpha, j, 0)
-        betas = lax.dynamic_update_index_in_dim(betas, beta, j, 0)
-        return basis, alphas, betas, v_next, v, beta, scale
-
     basis = jnp.zeros((iters + 1, dim), dtype).at[0].set(v0)
     zero = jnp.zeros((), dtype)
     carry = (basis, jnp.zeros((iters,), dtype), jnp.zeros((iters,), dtype), v0, jnp.zeros_like(v0), zero, zero)
-    basis, alphas, betas, *_ = lax.fori_loop(0, iters, body, carry)
+    basis, alphas, betas, *_ = driver.fori_loop(
+        iters, _lanczos_query, matvec, _lanczos_update, carry, (restart_seed,), host=host
+    )
     return alphas, betas, basis[:iters]
+
+
+def _lanczos_query(j, carry, consts, static):
+    return carry[3]  # the current Lanczos vector: the next product is A v_j
+
+
+def _lanczos_update(j, carry, v, av, consts, static):
+    """One Lanczos step given av = A v_j: the new α, β and the next basis vector."""
+    basis, alphas, betas, _, v_prev, beta_prev, scale = carry
+    (restart_seed,) = consts
+    eps, tiny = jnp.finfo(v.dtype).eps, jnp.finfo(v.dtype).tiny
+    w = av - beta_prev * v_prev
+    alpha = jnp.dot(v, w, precision=_HIGHEST)
+    w = w - alpha * v
+    # Full reorthogonalization against every stored vector (rows past j
+    # are still zero): keeps the basis orthonormal, so no spurious copies
+    # of converged Ritz values appear.
+    w = _orthogonalize(w, basis)
+    beta = jnp.linalg.norm(w)
+    scale = jnp.maximum(scale, jnp.abs(alpha) + beta_prev)
+    # Breakdown: an invariant subspace was found (w is rounding noise).
+    # Continue from a new direction orthogonal to the basis and record a
+    # zero coupling, so T decouples into exact blocks. (A select rather
+    # than lax.cond: both sides are cheap next to matvec, and it compiles
+    # faster.)
+    breakdown = beta <= 100 * eps * scale
+    r = _orthogonalize(jnp.roll(restart_seed, j), basis)
+    r = r / jnp.maximum(jnp.linalg.norm(r), tiny)  # r = 0 only after the last step (m = dim)
+    v_next = jnp.where(breakdown, r, w / jnp.where(breakdown, 1, beta))
+    beta = jnp.where(breakdown, 0, beta)
+    # Row `iters` of the basis is scratch (never read back), so the update
+    # at j + 1 stays in bounds on the last step.
+    basis = lax.dynamic_update_index_in_dim(basis, v_next, j + 1, 0)
+    alphas = lax.dynamic_update_index_in_dim(alphas, alpha, j, 0)
+    betas = lax.dynamic_update_index_in_dim(betas, beta, j, 0)
+    return basis, alphas, betas, v_next, v, beta, scale
 
 
 @functools.partial(jax.jit, static_argnames=("dim", "dtype"))
@@ -434,13 +481,21 @@ def _block_matvec(matvec: MatVec, vectors: jax.Array) -> jax.Array:
     return lax.map(matvec, vectors)
 
 
-def _lanczos_top(matvec: MatVec, starts: Sequence[jax.Array], k: int, iters: int):
+def _lanczos_top(matvec: MatVec, starts: Sequence[jax.Array], k: int, iters: int, host: bool = False):
     """Top-k Ritz pairs: (values (k,), vectors (k, dim), residuals (k,), (alphas, betas)).
 
     `starts`: two (dim,) vectors, the start vector and the restart seed.
+    `host`: drive the Lanczos loop from Python (`matvec` on concrete arrays).
     """
     dim, dtype = starts[0].shape[0], starts[0].dtype
-    alphas, betas, basis = lanczos(matvec, dim, None, iters, dtype, v0=starts[0], restart_seed=starts[1])
+    alphas, betas, basis = lanczos(matvec, dim, None, iters, dtype, v0=starts[0], restart_seed=starts[1], host=host)
+    ritz = driver.compiled(_ritz_pairs, 3) if host else _ritz_pairs
+    values, vectors, residuals = ritz(alphas, betas, basis, k)
+    return values, vectors, residuals, (alphas, betas)
+
+
+def _ritz_pairs(alphas: jax.Array, betas: jax.Array, basis: jax.Array, k: int):
+    """(top-k Ritz values, their vectors (k, dim), residuals) from a Lanczos run."""
     theta, s = jnp.linalg.eigh(tridiagonal(alphas, betas))
     order = jnp.argsort(theta)[::-1][:k]  # largest algebraic first
     values, s = theta[order], s[:, order]
@@ -449,57 +504,68 @@ def _lanczos_top(matvec: MatVec, starts: Sequence[jax.Array], k: int, iters: int
     # Hessian-vector products: the same number to rounding, and the compiled
     # program then holds a single copy of the Hessian-vector product.
     residuals = jnp.abs(betas[-1] * s[-1])
-    return values, vectors, residuals, (alphas, betas)
+    return values, vectors, residuals
 
 
-def _power_top(matvec: MatVec, start: jax.Array, iters: int, tol: jax.Array, shift: jax.Array):
+def _power_top(matvec: MatVec, start: jax.Array, iters: int, tol: jax.Array, shift: jax.Array, host: bool = False):
     """Block power (subspace) iteration with Rayleigh–Ritz on A = H + shift·I from the (dim, k) block `start`.
+
+    `host`: drive the loop from Python (`matvec` on concrete arrays, see `driver`).
 
     Returns (values of H (k,), vectors (k, dim), residuals (k,), iterations,
     converged, history (iters, k)).
     """
     (dim, k), dtype = start.shape, start.dtype
-    shifted = lambda x: matvec(x) + shift * x  # noqa: E731
-    q0, _ = jnp.linalg.qr(start)
-    tiny = jnp.finfo(dtype).tiny
-
-    def step(q):
-        # Rayleigh–Ritz on span(q): the Ritz pairs of the k×k projected matrix
-        # are the current estimates; their images give the exact residuals and
-        # the next subspace, so one block product per iteration suffices.
-        w = _block_matvec(shifted, q.T).T  # (dim, k)
-        small = jnp.dot(q.T, w, precision=_HIGHEST)
-        theta, u = jnp.linalg.eigh((small + small.T) / 2)
-        theta, u = theta[::-1], u[:, ::-1]
-        y = jnp.dot(q, u, precision=_HIGHEST)
-        wy = jnp.dot(w, u, precision=_HIGHEST)
-        residuals = jnp.linalg.norm(wy - y * theta, axis=0)
-        q_next, _ = jnp.linalg.qr(wy)
-        return q_next, theta, y, residuals
-
-    def cond(carry):
-        i, _, _, _, _, done, _ = carry
-        return (i < iters) & ~done
-
-    def body(carry):
-        i, q, theta_prev, _, _, _, history = carry
-        q, theta, y, residuals = step(q)
-        change = jnp.max(jnp.abs(theta - theta_prev))
-        done = (i > 0) & (change <= tol * jnp.maximum(jnp.max(jnp.abs(theta)), tiny))
-        return i + 1, q, theta, y, residuals, done, history.at[i].set(theta - shift)
-
     nan = jnp.full((k,), jnp.nan, dtype)
     carry = (
         jnp.zeros((), jnp.int32),
-        q0,
+        jnp.linalg.qr(start)[0],
         nan,
         jnp.zeros((dim, k), dtype),
         nan,
         jnp.zeros((), bool),
         jnp.full((iters, k), jnp.nan, dtype),
     )
-    i, _, theta, y, residuals, done, history = lax.while_loop(cond, body, carry)
-    return theta - shift, y.T, residuals, i, done, history
+    consts = (jnp.asarray(tol, dtype), jnp.asarray(shift, dtype))
+    if host:
+        step = driver.compiled(_power_update, 5)
+        while int(carry[0]) < iters and not bool(carry[5]):
+            q = carry[1]
+            block = jnp.stack([matvec(q[:, j]) for j in range(k)], axis=1) + consts[1] * q
+            carry = step(carry[0], carry, q, block, consts, ())
+    else:
+        shifted = lambda x: matvec(x) + consts[1] * x  # noqa: E731
+
+        def cond(carry):
+            return (carry[0] < iters) & ~carry[5]
+
+        def body(carry):
+            q = carry[1]
+            return _power_update(carry[0], carry, q, _block_matvec(shifted, q.T).T, consts, ())
+
+        carry = lax.while_loop(cond, body, carry)
+    i, _, theta, y, residuals, done, history = carry
+    return theta - consts[1], y.T, residuals, i, done, history
+
+
+def _power_update(i, carry, q, w, consts, static):
+    """One block power step given w = A q (dim, k): Rayleigh–Ritz estimates, residuals, next block."""
+    tol, shift = consts
+    theta_prev, history = carry[2], carry[6]
+    tiny = jnp.finfo(q.dtype).tiny
+    # Rayleigh–Ritz on span(q): the Ritz pairs of the k×k projected matrix
+    # are the current estimates; their images give the exact residuals and
+    # the next subspace, so one block product per iteration suffices.
+    small = jnp.dot(q.T, w, precision=_HIGHEST)
+    theta, u = jnp.linalg.eigh((small + small.T) / 2)
+    theta, u = theta[::-1], u[:, ::-1]
+    y = jnp.dot(q, u, precision=_HIGHEST)
+    wy = jnp.dot(w, u, precision=_HIGHEST)
+    residuals = jnp.linalg.norm(wy - y * theta, axis=0)
+    q_next, _ = jnp.linalg.qr(wy)
+    change = jnp.max(jnp.abs(theta - theta_prev))
+    done = (i > 0) & (change <= tol * jnp.maximum(jnp.max(jnp.abs(theta)), tiny))
+    return i + 1, q_next, theta, y, residuals, done, history.at[i].set(theta - shift)
 
 
 def _check_key(key: Any) -> None:
@@ -572,7 +638,14 @@ def top_eigenvalues(
             values, vectors, residuals, ab = _lanczos_top(matvec, starts, k, m)
             return values, jax.vmap(unravel)(vectors.astype(flat.dtype)), residuals, ab
 
-        values, vectors, residuals, (alphas, betas) = run(params, _uniform_vectors(key, 2, dim, dtype))
+        starts = _uniform_vectors(key, 2, dim, dtype)
+        if driver.host_loops():
+            values, vectors, residuals, (alphas, betas) = _lanczos_top(
+                _host_flat_hvp(loss_fn, params), starts, k, m, host=True
+            )
+            vectors = _unravel_rows(vectors, params)
+        else:
+            values, vectors, residuals, (alphas, betas) = run(params, starts)
         values, residuals = np.asarray(values), np.asarray(residuals)
         scale = max(float(np.max(np.abs(values))), float(np.finfo(dtype).tiny))
         return EigenResult(
@@ -592,10 +665,17 @@ def top_eigenvalues(
     limit = iters if iters is not None else 100
 
     @jax.jit
-    def run_power(params, starts, tol, shift):
+    def run_compiled(params, starts, tol, shift):
         matvec, flat, unravel = _flat_hvp(loss_fn, params)
         values, vectors, *rest = _power_top(matvec, jnp.stack(starts, axis=1), limit, tol, shift)
         return values, jax.vmap(unravel)(vectors.astype(flat.dtype)), *rest
+
+    def run_power(params, starts, tol, shift):
+        if not driver.host_loops():
+            return run_compiled(params, starts, tol, shift)
+        matvec = _host_flat_hvp(loss_fn, params)
+        values, vectors, *rest = _power_top(matvec, jnp.stack(starts, axis=1), limit, tol, shift, host=True)
+        return values, _unravel_rows(vectors, params), *rest
 
     # Start blocks of the first run and of a possible shifted rerun. Scalars
     # are passed as arrays so that both runs share one compiled program.
@@ -636,6 +716,10 @@ def _rademacher_like(key: jax.Array, tree: Params) -> Params:
     return unravel(jax.random.rademacher(key, flat.shape, flat.dtype))
 
 
+def _tree_vdot(a: Params, b: Params) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def hessian_trace(
     loss_fn: LossFn,
     params: Params,
@@ -657,6 +741,8 @@ def hessian_trace(
       n: number of probes, ≥ 2 (needed for a standard error).
       batch_size: probes evaluated together (vectorized) inside the sequential
         `lax.map`; None (default) does one at a time, the least memory.
+        Ignored when the loop runs on the host (`driver.host_loops()`):
+        there the probes go one at a time.
 
     Returns:
       A `TraceResult` with the mean, its standard error and the samples.
@@ -671,12 +757,19 @@ def hessian_trace(
     def samples_of(params, key):
         def sample(probe_key):
             z = _rademacher_like(probe_key, params)
-            hz = hvp(loss_fn, params, z)
-            return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(z), jax.tree.leaves(hz)))
+            return _tree_vdot(z, hvp(loss_fn, params, z))
 
         return lax.map(sample, jax.random.split(key, n), batch_size=batch_size)
 
-    samples = np.asarray(samples_of(params, key))
+    if driver.host_loops():
+        product, draw, dot = driver.hvp(loss_fn), jax.jit(_rademacher_like), jax.jit(_tree_vdot)
+        samples = []
+        for probe_key in jax.random.split(key, n):
+            z = draw(probe_key, params)
+            samples.append(dot(z, product(params, z)))
+        samples = np.asarray(samples)
+    else:
+        samples = np.asarray(samples_of(params, key))
     return TraceResult(
         trace=float(np.mean(samples)),
         standard_error=float(np.std(samples, ddof=1) / np.sqrt(n)),
@@ -761,7 +854,18 @@ def spectral_density(
 
     # The restart seed, and the probes' signs unless probes are given.
     draws = _uniform_vectors(key, 1 if probes is not None else n_probes + 1, dim, dtype)
-    nodes, weights = (np.asarray(a) for a in quadrature(params, draws, probes))
+    if driver.host_loops():
+        matvec = _host_flat_hvp(loss_fn, params)
+        if probes is None:
+            probes = jnp.where(jnp.stack(draws[1:]) < 0, -1, 1).astype(dtype)
+        rules = []
+        for v0 in probes:
+            alphas, betas, _ = lanczos(matvec, dim, None, m, dtype, v0=v0, restart_seed=draws[0], host=True)
+            theta, s = np.linalg.eigh(np.asarray(tridiagonal(alphas, betas)))
+            rules.append((theta, s[0] ** 2))
+        nodes, weights = (np.stack(a) for a in zip(*rules))
+    else:
+        nodes, weights = (np.asarray(a) for a in quadrature(params, draws, probes))
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else 1e-3
@@ -843,6 +947,12 @@ def _hyper(value: Optional[float], injected: dict[str, Any], name: str, default:
     return default
 
 
+def _inverse_sqrt_preconditioner(nu: Params, bias_correction: jax.Array, eps: jax.Array) -> jax.Array:
+    """P^{-1/2} as a flat vector: 1 / sqrt(sqrt(v̂) + ε), v̂ = nu / (1 − β₂^t)."""
+    v_hat = ravel_pytree(nu)[0].astype(bias_correction.dtype) / bias_correction
+    return 1 / jnp.sqrt(jnp.sqrt(v_hat) + eps)
+
+
 def preconditioned_top_eigenvalue(
     loss_fn: LossFn,
     params: Params,
@@ -917,14 +1027,17 @@ def preconditioned_top_eigenvalue(
         # only in them compile to the same program (a persistent compilation
         # cache then serves them).
         matvec, _, _ = _flat_hvp(loss_fn, params)
-        v_hat = ravel_pytree(nu)[0].astype(dtype) / bias_correction
-        d = 1 / jnp.sqrt(jnp.sqrt(v_hat) + eps)  # P^{-1/2}
+        d = _inverse_sqrt_preconditioner(nu, bias_correction, eps)
         return _lanczos_top(lambda x: d * matvec(d * x), starts, 1, m)
 
     starts = _uniform_vectors(key, 2, dim, dtype)
-    values, _, residuals, (alphas, betas) = run(
-        params, adam.nu, starts, np.asarray(1 - b2**step, dtype), np.asarray(eps, dtype)
-    )
+    bias_correction, eps_arg = np.asarray(1 - b2**step, dtype), np.asarray(eps, dtype)
+    if driver.host_loops():
+        d = jax.jit(_inverse_sqrt_preconditioner)(adam.nu, bias_correction, eps_arg)
+        matvec = _host_flat_hvp(loss_fn, params)
+        values, _, residuals, (alphas, betas) = _lanczos_top(lambda x: d * matvec(d * x), starts, 1, m, host=True)
+    else:
+        values, _, residuals, (alphas, betas) = run(params, adam.nu, starts, bias_correction, eps_arg)
     value, residual = float(values[0]), float(residuals[0])
     if learning_rate is None:
         gd_threshold = adam_threshold = None

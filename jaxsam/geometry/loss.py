@@ -16,6 +16,10 @@ value is sum / N, not a mean of per-batch means.
     loss_fn.accuracy(params)          # companion, same subset
     loss_fn.info                      # {"n": ..., "batch_size": ..., "bn": "eval", "subset": ...}
 
+Measures that run their loops on the host (the CPU backend, see `driver`)
+use `value`, `value_and_grad` and `hvp` instead: the same sums, one compiled
+call per microbatch added up in Python, compiled once per model and shape.
+
 With `bn="train"` each microbatch is normalized with its own statistics (the
 model's training-mode function; the running statistics are not updated):
 the loss then depends on the microbatch size, recorded in `info`.
@@ -24,6 +28,7 @@ the loss then depends on the microbatch size, recorded in `info`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -53,6 +58,55 @@ def _microbatches(images: np.ndarray, labels: np.ndarray, batch_size: int):
     )
 
 
+def _as_inputs(x: jax.Array) -> jax.Array:
+    """uint8 pixels are normalized with the training statistics; float images are used as given."""
+    return data.normalize(x) if x.dtype == jnp.uint8 else x
+
+
+def _microbatch_sums(model: nn.Module, bn: str, params, fixed, x, y, m) -> tuple[jax.Array, jax.Array]:
+    """(Σ cross-entropy, Σ correct) over one microbatch's unmasked examples."""
+    if bn == "eval":
+        logits = model.apply({"params": params, **fixed}, _as_inputs(x), train=False)
+    else:
+        logits, _ = model.apply({"params": params, **fixed}, _as_inputs(x), train=True, mutable=["batch_stats"])
+    # Plain cross-entropy in at least float32 (bfloat16 logits are widened; float64 kept).
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, -1) == y).astype(logp.dtype)
+    return jnp.sum(nll * m), jnp.sum(correct * m)
+
+
+# One compiled program per (model, BatchNorm mode, shapes), shared by every
+# LossFunction of that model: the training tracker builds a new loss each
+# epoch (new BatchNorm statistics) and reuses these programs.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _microbatch_loss(model, bn, params, fixed, x, y, m):
+    return _microbatch_sums(model, bn, params, fixed, x, y, m)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _microbatch_value_and_grad(model, bn, params, fixed, x, y, m):
+    return jax.value_and_grad(lambda p: _microbatch_sums(model, bn, p, fixed, x, y, m)[0])(params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _microbatch_hvp(model, bn, params, v, fixed, x, y, m):
+    # Forward-over-reverse, as `hessian.hvp`.
+    grad = jax.grad(lambda p: _microbatch_sums(model, bn, p, fixed, x, y, m)[0])
+    return jax.jvp(grad, (params,), (v,))[1]
+
+
+@jax.jit
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _divide(tree, n):
+    return jax.tree.map(lambda x: x / n.astype(x.dtype), tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossFunction:
     """`loss_fn(params) -> scalar`: mean cross-entropy over a fixed subset (see module docstring).
@@ -65,6 +119,10 @@ class LossFunction:
       batch_sums: `(params, images, labels, mask) -> (loss_sum, correct_sum)`
         of one microbatch (None for `from_function` losses).
       images, labels: the subset as given (host arrays), for `chunks`.
+      model, fixed, bn: the network, its non-parameter variables and the
+        BatchNorm mode, for the host-driven sums (`value_and_grad`, `hvp`);
+        None for `from_function` losses.
+      microbatches: (images, labels, mask), each with a leading microbatch axis.
     """
 
     per_example_sums: Callable[[Any], tuple[jax.Array, jax.Array]]
@@ -73,6 +131,10 @@ class LossFunction:
     batch_sums: Callable[..., tuple[jax.Array, jax.Array]] | None = None
     images: np.ndarray | None = dataclasses.field(default=None, repr=False)
     labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    model: nn.Module | None = dataclasses.field(default=None, repr=False)
+    fixed: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    bn: str = "eval"
+    microbatches: tuple[jax.Array, jax.Array, jax.Array] | None = dataclasses.field(default=None, repr=False)
 
     def __call__(self, params: Any) -> jax.Array:
         return self.per_example_sums(params)[0] / self.n
@@ -81,6 +143,44 @@ class LossFunction:
         """Fraction of the subset classified correctly."""
         return self.per_example_sums(params)[1] / self.n
 
+    # -- host-driven sums: one compiled call per microbatch, summed in Python.
+    # On XLA:CPU a convolution's gradient inside a loop (the `lax.scan` of
+    # `__call__`) is about 10x slower than outside one (docs/DESIGN.md), so
+    # the measures take gradients and Hessian-vector products through these
+    # when their loops run on the host (`driver.host_loops()`). Not traceable.
+
+    @property
+    def summable(self) -> bool:
+        """Whether the host-driven sums below go microbatch by microbatch (False: one compiled call)."""
+        return self.model is not None and self.microbatches is not None
+
+    def _host_sum(self, per_batch: Callable, *args: Any) -> Any:
+        xs, ys, masks = self.microbatches
+        total = None
+        for i in range(xs.shape[0]):
+            part = per_batch(self.model, self.bn, *args, self.fixed, xs[i], ys[i], masks[i])
+            total = part if total is None else _add(total, part)
+        return _divide(total, jnp.asarray(self.n))
+
+    def value(self, params: Any) -> jax.Array:
+        """L(params), host-driven (see above)."""
+        if not self.summable:
+            return _jit_once(self, "value", lambda: jax.jit(self))(params)
+        return self._host_sum(_microbatch_loss, params)
+
+    def value_and_grad(self, params: Any) -> tuple[jax.Array, Any]:
+        """(L(params), ∇L(params)), host-driven (see above)."""
+        if not self.summable:
+            return _jit_once(self, "value_and_grad", lambda: jax.jit(jax.value_and_grad(self)))(params)
+        return self._host_sum(_microbatch_value_and_grad, params)
+
+    def hvp(self, params: Any, v: Any) -> Any:
+        """H(params)·v, host-driven (see above)."""
+        if not self.summable:
+            hvp = lambda p, t: jax.jvp(jax.grad(self), (p,), (t,))[1]  # noqa: E731
+            return _jit_once(self, "hvp", lambda: jax.jit(hvp))(params, v)
+        return self._host_sum(_microbatch_hvp, params, v)
+
     def chunks(self, m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The subset cut into consecutive chunks of m examples: (images, labels, mask), leading axis = chunk.
 
@@ -88,11 +188,36 @@ class LossFunction:
         where the perturbation is found and applied per chunk of m examples.
         The last chunk is padded and masked when m does not divide n.
         """
+        self._check_chunk_size(m)
+        return tuple(jnp.asarray(a) for a in _microbatches(self.images, self.labels, m))
+
+    def chunk_losses(self, m: int) -> list["LossFunction"]:
+        """The same chunks as `chunks(m)`, each as its own LossFunction (for host-driven m-sharpness)."""
+        self._check_chunk_size(m)
+        if self.model is None:
+            raise ValueError("host-driven m-sharpness needs a loss built by make_loss_fn")
+        return [
+            make_loss_fn(
+                self.model, {**self.fixed, "params": None}, self.images[start : start + m],
+                self.labels[start : start + m], batch_size=self.info["batch_size"], bn=self.bn,
+                subset=f"{self.info['subset']}[{start}:{min(start + m, self.n)}]",
+            )
+            for start in range(0, self.n, m)
+        ]  # fmt: skip
+
+    def _check_chunk_size(self, m: int) -> None:
         if self.batch_sums is None:
             raise ValueError("m-sharpness needs a loss built by make_loss_fn (it must know its examples)")
         if not 1 <= m <= self.n:
             raise ValueError(f"m must be between 1 and the subset size {self.n} (got {m})")
-        return tuple(jnp.asarray(a) for a in _microbatches(self.images, self.labels, m))
+
+
+def _jit_once(loss_fn: LossFunction, name: str, make: Callable[[], Callable]) -> Callable:
+    """A compiled function cached on the (frozen) loss object, so repeated host calls compile once."""
+    cache = loss_fn.__dict__.setdefault("_compiled", {})
+    if name not in cache:
+        cache[name] = make()
+    return cache[name]
 
 
 def make_loss_fn(
@@ -135,20 +260,9 @@ def make_loss_fn(
     batch_size = min(batch_size, n)
     xs, ys, masks = (jnp.asarray(a) for a in _microbatches(images, labels, batch_size))
     fixed = {k: v for k, v in variables.items() if k != "params"}
-    as_float = data.normalize if images.dtype == np.uint8 else (lambda x: x)
 
     def batch_sums(params, x, y, m):
-        inputs = as_float(x)
-        if bn == "eval":
-            logits = model.apply({"params": params, **fixed}, inputs, train=False)
-        else:
-            logits, _ = model.apply({"params": params, **fixed}, inputs, train=True, mutable=["batch_stats"])
-        # Plain cross-entropy in at least float32 (bfloat16 logits are widened; float64 kept).
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-        correct = (jnp.argmax(logits, -1) == y).astype(logp.dtype)
-        return jnp.sum(nll * m), jnp.sum(correct * m)
+        return _microbatch_sums(model, bn, params, fixed, x, y, m)
 
     def per_example_sums(params):
         def body(carry, batch):
@@ -163,8 +277,9 @@ def make_loss_fn(
 
     info = {"subset": subset or f"{n} examples", "n": n, "batch_size": batch_size, "bn": bn}
     return LossFunction(
-        per_example_sums=per_example_sums, n=n, info=info, batch_sums=batch_sums, images=images, labels=labels
-    )
+        per_example_sums=per_example_sums, n=n, info=info, batch_sums=batch_sums, images=images, labels=labels,
+        model=model, fixed=fixed, bn=bn, microbatches=(xs, ys, masks),
+    )  # fmt: skip
 
 
 def from_function(loss_fn: Callable[[Any], jax.Array], **info: Any) -> Callable[[Any], jax.Array]:

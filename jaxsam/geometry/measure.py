@@ -239,15 +239,26 @@ def _measure(name, loss_fn, params, run, other, o, key):
     if name == "preconditioned":
         c = run.config.optimizer
         lr = run.learning_rate()
-        return hessian.preconditioned_top_eigenvalue(
+        result = hessian.preconditioned_top_eigenvalue(
             loss_fn, params, run.state.opt_state, key, learning_rate=lr or None, iters=o.lanczos_iters,
             eps=c.eps, b1=c.b1, b2=c.b2,
         )  # fmt: skip
+        # The thresholds at the last step's η are huge after a cosine decay to
+        # ~0; the ones at the peak η are what training's stability was set by.
+        return dict(
+            to_json(result),
+            peak_learning_rate=c.learning_rate,
+            gd_threshold_at_peak=2 / c.learning_rate,
+            adam_threshold_at_peak=(2 + 2 * c.b1) / ((1 - c.b1) * c.learning_rate),
+        )
     if name == "interpolation":
         curves = {"init -> final": landscape.interpolate(loss_fn, run.initial_state.params, params,
                                                           num=o.interpolation_points, t_range=(-0.25, 1.25))}  # fmt: skip
         if other is not None:
-            curves["this -> other run"] = landscape.interpolate(
+            this, that = _label(run), _label(other)
+            if this == that:  # e.g. two seeds of one config: name them by folder
+                this, that = os.path.basename(run.workdir.rstrip("/")), os.path.basename(other.workdir.rstrip("/"))
+            curves[f"{this} -> {that}"] = landscape.interpolate(
                 loss_fn, params, other.state.params, num=o.interpolation_points, t_range=(-0.25, 1.25)
             )
         return curves
@@ -277,7 +288,7 @@ def _headline(name: str, record: dict) -> str:
     if name == "trace":
         return f"{record['trace']:.4g} ± {record['standard_error']:.2g}"
     if name == "preconditioned":
-        return f"{record['eigenvalue']:.4g}"
+        return f"{record['eigenvalue']:.4g} (Adam's threshold (2+2b1)/((1-b1)lr) at the peak lr: {record['adam_threshold_at_peak']:.4g})"
     if name == "density":
         return f"{len(record['grid'])} grid points"
     if name == "interpolation":
@@ -289,10 +300,14 @@ def _headline(name: str, record: dict) -> str:
     return ""
 
 
+def _label(run) -> str:
+    """"resnet18 adam + sam": model, optimizer and SAM variant of a run."""
+    sam = run.config.sam.name
+    return f"{run.config.model.name} {run.config.optimizer.name}" + (f" + {sam}" if sam != "none" else "")
+
+
 def _figure(plots, name, split, record, out_dir, run, other) -> str | None:
-    label = f"{run.config.model.name} {run.config.optimizer.name}" + (
-        f" + {run.config.sam.name}" if run.config.sam.name != "none" else ""
-    )
+    label = _label(run)
     path = os.path.join(out_dir, f"{split}_{name}.png")
     if name == "interpolation":
         curves = [(k, v) for k, v in record.items() if isinstance(v, dict)]

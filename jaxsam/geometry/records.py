@@ -17,6 +17,8 @@ import numpy as np
 
 def to_json(value: Any) -> Any:
     """Arrays -> (nested) lists of Python numbers, scalars -> float/int/bool; NaN/inf -> None."""
+    if isinstance(value, Record) and type(value).to_dict is not Record.to_dict:
+        return value.to_dict()  # a record that leaves fields out (e.g. parameter-sized eigenvectors)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):

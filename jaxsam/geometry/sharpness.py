@@ -23,6 +23,11 @@ values are averaged.
 Average-case sharpness is E_δ[L(w + c ⊙ δ)] − L(w) with δ ~ N(0, σ²I),
 estimated by Monte Carlo with its standard error.
 
+The ascent is one `lax.fori_loop` inside `jax.jit` on GPU/TPU and a Python
+loop of compiled steps on the CPU backend (`driver`), with the same update
+functions. `worst_case_ascent` and `average_case_samples` are the traceable
+(compiled-loop) cores, for use inside a caller's own `jax.jit`.
+
 `first_order_sharpness` is ρ‖c ⊙ ∇L‖: what the original PyTorch study logged
 as "sharpness". It is the first-order Taylor term of S_max, here only for
 comparison, and labelled so in its record.
@@ -31,13 +36,16 @@ comparison, and labelled so in its record.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
+from jaxsam.geometry import driver
 from jaxsam.geometry import loss as loss_lib
 from jaxsam.geometry.records import Record
 
@@ -164,59 +172,68 @@ def _checkpoints(steps: int) -> np.ndarray:
     return marks
 
 
-def _ascent(objective: Callable[[Any], jax.Array], delta0: Any, rho: float, norm: str, steps: int):
-    """APGD-style projected ascent of `objective(δ)` over the ball; returns (best δ, best value, curve).
+def _ascent_query(i, state, consts, static):
+    """The next iterate: a steepest-ascent step of size η from x, with APGD's momentum, projected on the ball."""
+    (x, x_prev, _, g_x, _, _, _, eta, *_), (rho, _), (norm,) = state, consts, static
+    z = _project(optax.tree.add_scale(x, eta, _steepest(g_x, norm)), rho, norm)
+    # Momentum after the first step, as APGD: x + α(z − x) + (1 − α)(x − x_prev).
+    alpha = jnp.where(i == 0, 1.0, _MOMENTUM)
+    moved = jax.tree.map(lambda a, b, c: a + alpha * (b - a) + (1 - alpha) * (a - c), x, z, x_prev)
+    # Keep δ in the parameters' dtypes (the step size may be wider, e.g. float64 loss of float32 params).
+    return optax.tree.cast_like(_project(moved, rho, norm), x)
 
-    The step size starts at 2ρ; at each checkpoint it is halved (and the
-    iterate reset to the best point) when fewer than 75% of the steps since
-    the previous checkpoint raised the objective, or when neither the step
-    size nor the best value changed since then (Croce & Hein 2020, Alg. 1).
+
+def _ascent_update(i, state, x_new, value_and_grad, consts, static):
+    """Records f(x_new), keeps the best point, and at APGD checkpoints halves η and restarts from the best."""
+    (x, _, _, _, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve) = state
+    f_new, g_new = value_and_grad
+    _, marks = consts
+    improved = f_new > state[2]
+    better = f_new > f_best
+    best = jax.tree.map(lambda n, b: jnp.where(better, n, b), x_new, best)
+    # The best point's gradient is kept so that a restart needs no extra gradient pass.
+    g_best = jax.tree.map(lambda n, b: jnp.where(better, n, b), g_new, g_best)
+    f_best = jnp.where(better, f_new, f_best)
+    successes = successes + improved
+    since = since + 1
+    curve = curve.at[i].set(f_best)
+
+    # Checkpoint: decide whether to halve the step and restart from the best point.
+    at_mark = marks[i + 1]
+    stalled = (successes < _PROGRESS * since) | ((~eta_changed) & (f_best <= f_best_mark))
+    halve = at_mark & stalled
+    eta = jnp.where(halve, eta / 2, eta)
+    x_prev = jax.tree.map(lambda b, n, o: jnp.where(halve, b, o), best, x_new, x)
+    x_new = jax.tree.map(lambda b, n: jnp.where(halve, b, n), best, x_new)
+    f_x = jnp.where(halve, f_best, f_new)
+    g_x = jax.tree.map(lambda b, n: jnp.where(halve, b, n), g_best, g_new)
+    successes = jnp.where(at_mark, 0, successes)
+    since = jnp.where(at_mark, 0, since)
+    f_best_mark = jnp.where(at_mark, f_best, f_best_mark)
+    eta_changed = jnp.where(at_mark, halve, eta_changed)
+    return (x_new, x_prev, f_x, g_x, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve)
+
+
+def _ascent(value_and_grad, delta0: Any, rho: float, norm: str, steps: int, *, host: bool):
+    """APGD-style projected ascent of f over the ball; returns (best δ, best value, curve).
+
+    `value_and_grad(δ) -> (f(δ), ∇f(δ))`: traced inside one `lax.fori_loop`
+    (host=False) or called from a Python loop with concrete arrays (host=True,
+    see `driver`). The step size starts at 2ρ; at each checkpoint it is
+    halved (and the iterate reset to the best point) when fewer than 75% of
+    the steps since the previous checkpoint raised the objective, or when
+    neither the step size nor the best value changed since then (Croce &
+    Hein 2020, Alg. 1).
     """
-    marks = jnp.asarray(_checkpoints(steps))
-    value_and_grad = jax.value_and_grad(objective)
     f0, g0 = value_and_grad(delta0)
-
-    def body(i, carry):
-        (x, x_prev, f_x, g_x, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve) = carry
-        z = _project(optax.tree.add_scale(x, eta, _steepest(g_x, norm)), rho, norm)
-        # Momentum after the first step, as APGD: x + α(z − x) + (1 − α)(x − x_prev).
-        alpha = jnp.where(i == 0, 1.0, _MOMENTUM)
-        moved = jax.tree.map(lambda a, b, c: a + alpha * (b - a) + (1 - alpha) * (a - c), x, z, x_prev)
-        # Keep δ in the parameters' dtypes (the step size may be wider, e.g. float64 loss of float32 params).
-        x_new = optax.tree.cast_like(_project(moved, rho, norm), delta0)
-        f_new, g_new = value_and_grad(x_new)
-        improved = f_new > f_x
-        better = f_new > f_best
-        best = jax.tree.map(lambda n, b: jnp.where(better, n, b), x_new, best)
-        # The best point's gradient is kept so that a restart needs no extra gradient pass.
-        g_best = jax.tree.map(lambda n, b: jnp.where(better, n, b), g_new, g_best)
-        f_best = jnp.where(better, f_new, f_best)
-        successes = successes + improved
-        since = since + 1
-        curve = curve.at[i].set(f_best)
-
-        # Checkpoint: decide whether to halve the step and restart from the best point.
-        at_mark = marks[i + 1]
-        stalled = (successes < _PROGRESS * since) | ((~eta_changed) & (f_best <= f_best_mark))
-        halve = at_mark & stalled
-        eta = jnp.where(halve, eta / 2, eta)
-        x_prev = jax.tree.map(lambda b, n, o: jnp.where(halve, b, o), best, x_new, x)
-        x_new = jax.tree.map(lambda b, n: jnp.where(halve, b, n), best, x_new)
-        f_x = jnp.where(halve, f_best, f_new)
-        g_x = jax.tree.map(lambda b, n: jnp.where(halve, b, n), g_best, g_new)
-        successes = jnp.where(at_mark, 0, successes)
-        since = jnp.where(at_mark, 0, since)
-        f_best_mark = jnp.where(at_mark, f_best, f_best_mark)
-        eta_changed = jnp.where(at_mark, halve, eta_changed)
-        return (x_new, x_prev, f_x, g_x, best, f_best, g_best, eta, successes, since, f_best_mark, eta_changed, curve)
-
     dtype = jnp.result_type(f0)
     init = (
         delta0, delta0, f0, g0, delta0, f0, g0,
         jnp.asarray(2.0 * rho, dtype), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32),
         f0, jnp.asarray(True), jnp.zeros([steps], dtype),
     )  # fmt: skip
-    final = jax.lax.fori_loop(0, steps, body, init)
+    consts = (jnp.asarray(rho, dtype), jnp.asarray(_checkpoints(steps)))
+    final = driver.fori_loop(steps, _ascent_query, value_and_grad, _ascent_update, init, consts, (norm,), host=host)
     return final[4], final[5], final[12]
 
 
@@ -232,10 +249,20 @@ def _check(rho: float, norm: str, steps: int) -> None:
         raise ValueError(f"steps must be >= 1 (got {steps})")
 
 
+def _normal_like(key: jax.Array, params: Any) -> Any:
+    """A pytree like params with independent N(0, 1) entries, from one draw of the flattened vector.
+
+    One draw, not one per leaf: XLA:CPU takes about as long to compile a
+    random-number kernel as to run a gradient, and a ResNet has ~60 leaves.
+    """
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.normal(key, flat.shape, jnp.promote_types(flat.dtype, jnp.float32)))
+
+
 def _start(key: jax.Array, params: Any, rho: float, norm: str) -> Any:
     # A tiny random start (1% of ρ) so that the ascent also leaves exact
     # critical points, where the gradient is zero and gives no direction.
-    noise = optax.tree.random_like(key, params, jax.random.normal)
+    noise = _normal_like(key, params)
     return optax.tree.scale(0.01 * rho / jnp.maximum(_norm(noise, norm), 1e-30), noise)
 
 
@@ -258,11 +285,43 @@ def worst_case_ascent(
     scale = _ball_scale(params, adaptive, mask)
 
     def objective(delta):
-        return loss_fn(jax.tree.map(lambda w, c, d: w + c * d, params, scale, delta))
+        return loss_fn(_perturb(params, scale, delta))
 
-    best, f_best, curve = _ascent(objective, _start(key, params, rho, norm), rho, norm, steps)
+    delta0 = _start(key, params, rho, norm)
+    best, f_best, curve = _ascent(jax.value_and_grad(objective), delta0, rho, norm, steps, host=False)
     base = loss_fn(params)
     return f_best - base, base, f_best, _norm(best, norm), curve - base
+
+
+def _perturb(params: Any, scale: Any, delta: Any) -> Any:
+    """w + c ⊙ δ."""
+    return jax.tree.map(lambda w, c, d: w + c * d, params, scale, delta)
+
+
+@jax.jit
+def _chain_rule(scale: Any, grads: Any) -> Any:
+    """∇_δ L(w + c⊙δ) = c ⊙ ∇L, in δ's (the parameters') dtypes."""
+    return jax.tree.map(lambda c, g: (c * g).astype(c.dtype), scale, grads)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _host_start(params, mask, adaptive, rho, norm, key):
+    return _ball_scale(params, adaptive, mask), _start(key, params, rho, norm)
+
+
+def _worst_case_host(loss_fn, params, *, rho, norm, adaptive, steps, mask, key):
+    """`worst_case_ascent` with the ascent driven from Python (see `driver`); same returns, concrete."""
+    scale, delta0 = _host_start(params, mask, adaptive, rho, norm, key)
+    loss_value_and_grad = driver.value_and_grad(loss_fn)
+    perturb = driver.compiled(_perturb)
+
+    def value_and_grad(delta):
+        value, grads = loss_value_and_grad(perturb(params, scale, delta))
+        return value, _chain_rule(scale, grads)
+
+    best, f_best, curve = _ascent(value_and_grad, delta0, rho, norm, steps, host=True)
+    base = driver.value(loss_fn)(params)
+    return f_best - base, base, f_best, driver.compiled(_norm, 1)(best, norm), curve - base
 
 
 def worst_case_sharpness(
@@ -306,10 +365,20 @@ def worst_case_sharpness(
         raise ValueError("m-sharpness needs a loss built by make_loss_fn (it must know its examples); or leave m=None")
     key = jax.random.key(0) if key is None else key
     settings = dict(rho=rho, norm=norm, adaptive=adaptive, steps=steps, mask=mask, key=key)
+    host = driver.host_loops()
     if m is None:
-        value, base, top, size, curve = jax.jit(lambda p: worst_case_ascent(loss_fn, p, **settings))(params)
+        if host:
+            value, base, top, size, curve = _worst_case_host(loss_fn, params, **settings)
+        else:
+            value, base, top, size, curve = jax.jit(lambda p: worst_case_ascent(loss_fn, p, **settings))(params)
         values = jnp.reshape(value, (1,))
         std_err = jnp.zeros([], value.dtype)
+    elif host:
+        # One ascent per chunk, each driven from Python on its own examples.
+        per_chunk = [_worst_case_host(chunk, params, **settings) for chunk in loss_fn.chunk_losses(m)]
+        values, bases, tops, sizes, curves = (jnp.stack(column) for column in zip(*per_chunk))
+        value, base, top, size, curve = values.mean(), bases.mean(), tops.mean(), sizes.max(), curves.mean(0)
+        std_err = values.std(ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else jnp.zeros([])
     else:
         images, labels, masks = loss_fn.chunks(m)
         batch_sums = loss_fn.batch_sums
@@ -350,14 +419,17 @@ def average_case_samples(
     mask: Any | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The traceable core of `average_case_sharpness`: (L(w + σc⊙δ_i) − L(w) per key, L(w)), via `lax.map`."""
-    scale = _ball_scale(params, adaptive, mask)
-
     def perturbed(k):
-        noise = optax.tree.random_like(k, params, jax.random.normal)
-        return loss_fn(jax.tree.map(lambda w, c, d: w + sigma * c * d, params, scale, noise))
+        return loss_fn(_gaussian_point(params, mask, sigma, k, adaptive))
 
     base = loss_fn(params)
     return jax.lax.map(perturbed, keys) - base, base
+
+
+def _gaussian_point(params: Any, mask: Any, sigma: Any, key: jax.Array, adaptive: bool) -> Any:
+    """w + σ c ⊙ δ with δ ~ N(0, I) drawn from `key`."""
+    noise = _normal_like(key, params)
+    return jax.tree.map(lambda w, c, d: w + sigma * c * d, params, _ball_scale(params, adaptive, mask), noise)
 
 
 def average_case_sharpness(
@@ -388,8 +460,15 @@ def average_case_sharpness(
         raise ValueError(f"sigma must be > 0 (got {sigma})")
     if n < 2:
         raise ValueError(f"n must be >= 2 for a standard error (got {n})")
-    run = jax.jit(lambda p, keys: average_case_samples(loss_fn, p, sigma, keys, adaptive=adaptive, mask=mask))
-    increases, base = run(params, jax.random.split(key, n))
+    keys = jax.random.split(key, n)
+    if driver.host_loops():
+        value = driver.value(loss_fn)
+        base = value(params)
+        draw = driver.compiled(_gaussian_point, 4)
+        increases = [value(draw(params, mask, sigma, k, adaptive)) - base for k in keys]
+    else:
+        run = jax.jit(lambda p, keys: average_case_samples(loss_fn, p, sigma, keys, adaptive=adaptive, mask=mask))
+        increases, base = run(params, keys)
     samples = np.asarray(increases)
     return AverageCaseResult(
         value=float(samples.mean()),
@@ -417,7 +496,10 @@ def first_order_sharpness(
     Returns:
       A `FirstOrderResult` (value and the gradient norm).
     """
-    grads = jax.jit(jax.grad(loss_fn))(params)
+    if driver.host_loops():
+        _, grads = driver.value_and_grad(loss_fn)(params)
+    else:
+        grads = jax.jit(jax.grad(loss_fn))(params)
     scale = _ball_scale(params, adaptive, None)
     size = float(optax.tree.norm(jax.tree.map(jnp.multiply, scale, grads)))
     return FirstOrderResult(

@@ -1,8 +1,11 @@
 """Geometry tracked during training: a few cheap measures after chosen epochs, into metrics.jsonl.
 
-`make_tracker(config.track, model, images, labels)` compiles, once, one
-function of (params, batch_stats, key) that measures the current network on
-a fixed subset of training examples (no augmentation, eval-mode BatchNorm):
+`make_tracker(config.track, model, images, labels)` gives a function of
+(params, batch_stats, key) that measures the current network on a fixed
+subset of training examples (no augmentation, eval-mode BatchNorm). On GPU
+and TPU it is one program compiled once; on the CPU backend it runs the
+measures with their loops driven from Python (`driver`), since XLA:CPU runs
+convolution gradients inside loops about 10x slower. The measures:
 
 * `lambda_max`: the top Hessian eigenvalue by a few Lanczos steps
   (`hessian.lanczos`; a lower bound that tightens with the steps),
@@ -28,7 +31,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from jaxsam.geometry import hessian, sharpness
+from jaxsam.geometry import driver, hessian, sharpness
 from jaxsam.geometry.loss import make_loss_fn
 
 TRACKABLE = ("lambda_max", "worst_case", "average_case", "first_order")
@@ -80,9 +83,36 @@ def make_tracker(
             out["first_order"] = track.rho * optax.tree.norm(jax.grad(loss_fn)(params))
         return out
 
+    def measure_on_host(params, batch_stats, key):
+        # The same measures through the public functions, whose loops run
+        # from Python (driver.host_loops(): the CPU backend). Their compiled
+        # pieces are keyed by the model and shapes, so later epochs reuse them.
+        loss_fn = make_loss_fn(model, {"params": params, "batch_stats": batch_stats}, images, labels,
+                               batch_size=track.batch_size, bn="eval")  # fmt: skip
+        out = {"loss": loss_fn.value(params)}
+        keys = dict(zip(TRACKABLE, jax.random.split(key, len(TRACKABLE))))
+        if "lambda_max" in measures:
+            dim = ravel_pytree(params)[0].shape[0]
+            top = hessian.top_eigenvalues(loss_fn, params, keys["lambda_max"], iters=min(track.lanczos_iters, dim))
+            out["lambda_max"] = top.eigenvalues[0]
+        if "worst_case" in measures:
+            out["worst_case"] = sharpness.worst_case_sharpness(
+                loss_fn, params, track.rho, steps=track.ascent_steps, key=keys["worst_case"]
+            ).value
+        if "average_case" in measures:
+            out["average_case"] = sharpness.average_case_sharpness(
+                loss_fn, params, track.sigma, keys["average_case"], n=track.samples
+            ).value
+        if "first_order" in measures:
+            out["first_order"] = sharpness.first_order_sharpness(loss_fn, params, track.rho).value
+        return out
+
     def tracker(params, batch_stats, key) -> dict[str, float]:
         start = time.time()
-        values = jax.device_get(measure(params, batch_stats, key))
+        if driver.host_loops():
+            values = jax.device_get(measure_on_host(params, batch_stats, key))
+        else:
+            values = jax.device_get(measure(params, batch_stats, key))
         record = {f"track_{k}": float(v) for k, v in values.items()}
         record["track_seconds"] = time.time() - start
         return record
