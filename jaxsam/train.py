@@ -340,7 +340,8 @@ def load_run(workdir: str, *, step: int | None = None) -> Run:
     """
     config = read_config(workdir)
     dataset = load_data(config)
-    model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype)
+    model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype,
+                      conv=config.model.conv)
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), config.train.batch_size)
     tx, _ = make_optimizer(config, steps_per_epoch)
     initial = create_train_state(model, tx, jax.random.key(config.seed))
@@ -430,7 +431,8 @@ def train_and_evaluate(
             f"train.batch_size={config.train.batch_size} exceeds the {len(dataset.train)} training examples: "
             f"lower it or raise data.n_train"
         )
-    model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype)
+    model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype,
+                      conv=config.model.conv)
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
     rho = sam_rho(config, lr_schedule)
     rho_value = (lambda step: float(rho(step))) if callable(rho) else (lambda step: float(rho))

@@ -250,3 +250,33 @@ COMPARED = {
     "train.eval_batch_size": 64,
     "data.synthetic_train": 512,
 }
+
+
+def test_bfloat16_trains_and_later_epochs_compile_nothing(tmp_path, monkeypatch):
+    """bfloat16 compute (the GPU path) trains on CPU: the loss falls. And every program (train
+    step, eval step, metrics) is built in epoch 1; epochs 2 and 3 reuse them. One run checks both."""
+    import jaxsam.train as train_lib
+
+    events = []
+    lowering = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # one per program lowered, cache or not
+
+    def listener(event, *_, **__):
+        events.append(event)
+
+    original = train_lib.MetricsLog.write
+
+    def write(self, record):
+        events.append(("epoch", record["epoch"]) if "test_accuracy" in record else "log")
+        original(self, record)
+
+    monkeypatch.setattr(train_lib.MetricsLog, "write", write)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train_and_evaluate(tiny_config(**{"train.num_epochs": 3, "model.dtype": "bfloat16"}), str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    first_epoch_end = events.index(("epoch", 1))
+    assert ("epoch", 3) in events
+    assert events[first_epoch_end:].count(lowering) == 0, [e for e in events[first_epoch_end:] if e != "log"]
+    epochs = [r for r in _records(str(tmp_path)) if "test_accuracy" in r]
+    assert len(epochs) == 3 and epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]

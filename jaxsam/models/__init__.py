@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsam.models import layers
 from jaxsam.models.resnet import BasicBlock, ResNet, resnet18
 from jaxsam.models.vgg import VGG, VGG16_LAYOUT, vgg16
 
@@ -32,7 +33,9 @@ def _as_dtype(dtype: Any) -> Any:
         raise ValueError(f"unknown model dtype {dtype!r}: use 'float32' or 'bfloat16'") from err
 
 
-def get_model(name: str, num_classes: int = 10, *, width: float = 1.0, dtype: Any = jnp.float32) -> nn.Module:
+def get_model(
+    name: str, num_classes: int = 10, *, width: float = 1.0, dtype: Any = jnp.float32, conv: str = "auto"
+) -> nn.Module:
     """Builds one of the study's networks.
 
     Args:
@@ -41,6 +44,9 @@ def get_model(name: str, num_classes: int = 10, *, width: float = 1.0, dtype: An
       width: channel multiplier (> 0); 1.0 is the published network.
       dtype: compute dtype ("float32" or "bfloat16", or a jnp dtype);
         parameters stay float32.
+      conv: "auto": on the CPU backend, convolutions on maps of 2x2 or
+        smaller as matrix products (`jaxsam.models.cpu_conv`: VGG16 trains
+        3x faster); XLA's own convolution everywhere else. "native": XLA's always.
 
     Returns:
       The Flax module.
@@ -58,7 +64,9 @@ def get_model(name: str, num_classes: int = 10, *, width: float = 1.0, dtype: An
         raise ValueError(f"model width must be > 0 (got {width!r}); e.g. width=0.25 for a CPU-sized network")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1 (got {num_classes!r})")
-    return MODELS[name](num_classes=int(num_classes), width=float(width), dtype=_as_dtype(dtype))
+    if conv not in layers.CONV_IMPLS:
+        raise ValueError(f"unknown conv {conv!r}: use 'auto' or 'native'")
+    return MODELS[name](num_classes=int(num_classes), width=float(width), dtype=_as_dtype(dtype), conv=conv)
 
 
 __all__ = ["MODELS", "get_model", "ResNet", "BasicBlock", "resnet18", "VGG", "VGG16_LAYOUT", "vgg16"]

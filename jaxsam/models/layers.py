@@ -16,6 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsam.models import cpu_conv
+
 # He et al. 2015 ("Delving deep into rectifiers"), fan-out normal, as torchvision's
 # ResNet initializes its convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -26,8 +28,19 @@ def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any) -> nn.Conv:
-    """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side)."""
+CONV_IMPLS = ("auto", "native")
+
+
+def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any, impl: str = "auto") -> nn.Conv:
+    """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side).
+
+    `impl="auto"` uses `cpu_conv.conv_general_dilated` (matrix products on
+    maps of 2x2 or smaller on the CPU backend, where XLA's convolution is
+    pathological; XLA's convolution elsewhere); "native" is always XLA's.
+    Both have the same parameters.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown convolution impl {impl!r}: use 'auto' or 'native'")
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -38,6 +51,7 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,
+        conv_general_dilated=cpu_conv.conv_general_dilated if impl == "auto" else None,
     )
 
 

@@ -26,16 +26,17 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        y = layers.conv(self.features, 3, strides=self.strides, use_bias=False, dtype=self.dtype)(x)
+        y = layers.conv(self.features, 3, strides=self.strides, use_bias=False, dtype=self.dtype, impl=self.conv)(x)
         y = nn.relu(layers.batch_norm(train, self.dtype)(y))
-        y = layers.conv(self.features, 3, use_bias=False, dtype=self.dtype)(y)
+        y = layers.conv(self.features, 3, use_bias=False, dtype=self.dtype, impl=self.conv)(y)
         y = layers.batch_norm(train, self.dtype)(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = layers.conv(self.features, 1, strides=self.strides, use_bias=False, dtype=self.dtype)(x)
+            shortcut = layers.conv(self.features, 1, strides=self.strides, use_bias=False, dtype=self.dtype, impl=self.conv)(x)
             shortcut = layers.batch_norm(train, self.dtype)(shortcut)
         return nn.relu(y + shortcut)
 
@@ -49,27 +50,29 @@ class ResNet(nn.Module):
       width: channel multiplier (0.25 gives a 16/32/64/128-channel network).
       dtype: compute dtype; parameters and BatchNorm statistics stay float32
         and the logits are returned in float32.
+      conv: "auto" (`cpu_conv`: matrix products on tiny maps on CPU) or "native".
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     num_classes: int = 10
     width: float = 1.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = x.astype(self.dtype)
-        x = layers.conv(layers.scaled_width(64, self.width), 3, use_bias=False, dtype=self.dtype)(x)
+        x = layers.conv(layers.scaled_width(64, self.width), 3, use_bias=False, dtype=self.dtype, impl=self.conv)(x)
         x = nn.relu(layers.batch_norm(train, self.dtype)(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
             features = layers.scaled_width(64 * 2**stage, self.width)
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(features, strides, self.dtype)(x, train)
+                x = BasicBlock(features, strides, self.dtype, self.conv)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return layers.classifier(self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
-def resnet18(num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32) -> ResNet:
+def resnet18(num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32, conv: str = "auto") -> ResNet:
     """The CIFAR ResNet18 (BasicBlocks [2, 2, 2, 2])."""
-    return ResNet(stage_sizes=(2, 2, 2, 2), num_classes=num_classes, width=width, dtype=dtype)
+    return ResNet(stage_sizes=(2, 2, 2, 2), num_classes=num_classes, width=width, dtype=dtype, conv=conv)

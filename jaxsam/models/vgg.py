@@ -36,12 +36,14 @@ class VGG(nn.Module):
       width: channel multiplier for CPU-scale runs.
       dtype: compute dtype; parameters and BatchNorm statistics stay float32
         and the logits are returned in float32.
+      conv: "auto" (`cpu_conv`: matrix products on tiny maps on CPU) or "native".
     """
 
     layout: Sequence[Union[int, str]] = VGG16_LAYOUT
     num_classes: int = 10
     width: float = 1.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -50,12 +52,12 @@ class VGG(nn.Module):
             if item == "M":
                 x = layers.max_pool_2x2(x)
             else:
-                x = layers.conv(layers.scaled_width(int(item), self.width), 3, use_bias=True, dtype=self.dtype)(x)
+                x = layers.conv(layers.scaled_width(int(item), self.width), 3, use_bias=True, dtype=self.dtype, impl=self.conv)(x)
                 x = nn.relu(layers.batch_norm(train, self.dtype)(x))
         x = x.reshape((x.shape[0], -1))
         return layers.classifier(self.num_classes, self.dtype)(x).astype(jnp.float32)
 
 
-def vgg16(num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32) -> VGG:
+def vgg16(num_classes: int = 10, width: float = 1.0, dtype: Any = jnp.float32, conv: str = "auto") -> VGG:
     """The CIFAR VGG16 with BatchNorm."""
-    return VGG(layout=VGG16_LAYOUT, num_classes=num_classes, width=width, dtype=dtype)
+    return VGG(layout=VGG16_LAYOUT, num_classes=num_classes, width=width, dtype=dtype, conv=conv)
