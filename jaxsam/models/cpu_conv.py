@@ -8,7 +8,7 @@ strided) slices of the padded input:
 On XLA:CPU (jax 0.10) a 3x3 convolution on a 2x2 map — VGG16's last block,
 512 -> 512 channels — is pathological: 2.7 s forward for a batch of 128
 against 0.05 s as that slice sum, and 4.2 s against 0.17 s for both
-gradients; the whole VGG16 train step runs 3x faster with it (docs/DESIGN.md,
+gradients; the whole VGG16 train step runs 3.8x faster with it (docs/DESIGN.md,
 `python scripts/bench.py`). On larger maps XLA's own convolution is as fast
 or faster, including its gradients, so it is kept there.
 
