@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -149,7 +149,13 @@ def create_train_state(model, tx, key: jax.Array, image_shape=(1, 32, 32, 3)) ->
 
 
 def per_device_train_step(
-    model, tx, *, label_smoothing: float = 0.0, per_device_sam: bool = True, crop_padding: int = data.PAD
+    model,
+    tx,
+    *,
+    label_smoothing: float = 0.0,
+    per_device_sam: bool = True,
+    crop_padding: int = data.PAD,
+    sam_step: Optional[bool] = None,
 ) -> Callable:
     """The train step as one device sees it: `(state, images_uint8, labels) -> (state, sums)`.
 
@@ -184,7 +190,9 @@ def per_device_train_step(
 
         if not per_device_sam:
             grads = jax.lax.pmean(grads, axis)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_at)
+        # sam_step (LookSAM only): which branch this compiled step takes (None: decided inside).
+        extra = {} if sam_step is None else {"sam_step": sam_step}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_at, **extra)
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
@@ -203,7 +211,14 @@ def per_device_train_step(
 
 
 def make_train_step(
-    model, tx, mesh, *, label_smoothing: float = 0.0, per_device_sam: bool = True, crop_padding: int = data.PAD
+    model,
+    tx,
+    mesh,
+    *,
+    label_smoothing: float = 0.0,
+    per_device_sam: bool = True,
+    crop_padding: int = data.PAD,
+    sam_step: Optional[bool] = None,
 ) -> Callable:
     """Jitted `(state, images_uint8, labels) -> (state, sums)` over every device of `mesh`.
 
@@ -212,8 +227,9 @@ def make_train_step(
     """
     axis = parallel.DATA_AXIS
     step = per_device_train_step(
-        model, tx, label_smoothing=label_smoothing, per_device_sam=per_device_sam, crop_padding=crop_padding
-    )
+        model, tx, label_smoothing=label_smoothing, per_device_sam=per_device_sam, crop_padding=crop_padding,
+        sam_step=sam_step,
+    )  # fmt: skip
     mapped = parallel.per_device(step, mesh, in_specs=(P(), P(axis), P(axis)), out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,))
 
@@ -447,14 +463,23 @@ def train_and_evaluate(
     start_step = int(state.step)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
 
-    train_step = make_train_step(
-        model,
-        tx,
-        mesh,
+    step_options = dict(
         label_smoothing=config.train.label_smoothing,
         per_device_sam=config.sam.per_device,
         crop_padding=config.data.crop_padding,
     )
+    if config.sam.name == "looksam" and config.sam.k > 1 and jax.default_backend() == "cpu":
+        # XLA:CPU runs gradients inside lax.cond ~10x slower (docs/DESIGN.md): compile
+        # LookSAM's SAM step and its reuse step separately and pick one per step here.
+        sam_steps = {flag: make_train_step(model, tx, mesh, sam_step=flag, **step_options) for flag in (True, False)}
+
+        def train_step(state, images, labels):
+            # `step` (the loop's count of steps done) equals state.step and LookSAM's
+            # count, without a device-to-host read that would stall the pipeline.
+            return sam_steps[step % config.sam.k == 0](state, images, labels)
+
+    else:
+        train_step = make_train_step(model, tx, mesh, **step_options)
     eval_step = make_eval_step(model, mesh)
     tracker = None
     if config.track.every_epochs > 0:

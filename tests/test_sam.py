@@ -240,6 +240,19 @@ def test_looksam_evaluates_the_second_gradient_one_step_in_k(mlp_problem):
     assert len(calls) == 4  # steps 0, 5, 10, 15
 
 
+def test_looksam_static_branch_equals_the_conditional(x64, mlp_problem):
+    """`sam_step=(t % k == 0)` (the CPU train loop's two compiled steps) gives the lax.cond updates exactly."""
+    params, batch, loss = mlp_problem
+    tx = looksam_transform(rho=0.1, k=3, alpha=0.7)
+    states = [tx.init(params), tx.init(params)]
+    for t in range(7):
+        g = jax.grad(loss)(params, batch)
+        u_cond, states[0] = tx.update(g, states[0], params, grad_fn=_grad_fn(loss, batch))
+        u_static, states[1] = tx.update(g, states[1], params, grad_fn=_grad_fn(loss, batch), sam_step=t % 3 == 0)
+        _tree_close(u_static, u_cond, 1e-14)
+        params = jax.tree.map(lambda p, u: p - 0.1 * u, params, u_cond)
+
+
 # ---------------------------------------------------------------------------
 # Behaviour: a flat and a sharp minimum.
 
