@@ -78,8 +78,8 @@ def _jax_train(spec: dict) -> dict:
     looksam = spec.get("sam") == "looksam"
     per_call = 5 if looksam else 1
     if looksam and jax.default_backend() == "cpu":
-        steps = [make_train_step(model, tx, mesh, sam_step=i == 0) for i in range(2)] + [None] * 3
-        steps[2:] = [steps[1]] * 3
+        sam_step, reuse_step = (make_train_step(model, tx, mesh, sam_step=flag) for flag in (True, False))
+        steps = [sam_step] + [reuse_step] * (per_call - 1)
     else:
         steps = [make_train_step(model, tx, mesh)] * per_call
     holder = {"state": state}
@@ -233,10 +233,8 @@ def _worker(spec: dict) -> None:
 
 def _run(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu" if not _has_accelerator() else "")
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in out.stdout.splitlines():
@@ -244,10 +242,6 @@ def _run(spec: dict, timeout: float) -> dict:
             return json.loads(line[len("RESULT "):])
     tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": tail}
-
-
-def _has_accelerator() -> bool:
-    return os.environ.get("JAX_PLATFORMS", "") not in ("", "cpu")
 
 
 def _torch_available() -> bool:

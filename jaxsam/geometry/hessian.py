@@ -762,7 +762,7 @@ def hessian_trace(
         return lax.map(sample, jax.random.split(key, n), batch_size=batch_size)
 
     if driver.host_loops():
-        product, draw, dot = driver.hvp(loss_fn), jax.jit(_rademacher_like), jax.jit(_tree_vdot)
+        product, draw, dot = driver.hvp(loss_fn), driver.compiled(_rademacher_like), driver.compiled(_tree_vdot)
         samples = []
         for probe_key in jax.random.split(key, n):
             z = draw(probe_key, params)
@@ -1033,7 +1033,7 @@ def preconditioned_top_eigenvalue(
     starts = _uniform_vectors(key, 2, dim, dtype)
     bias_correction, eps_arg = np.asarray(1 - b2**step, dtype), np.asarray(eps, dtype)
     if driver.host_loops():
-        d = jax.jit(_inverse_sqrt_preconditioner)(adam.nu, bias_correction, eps_arg)
+        d = driver.compiled(_inverse_sqrt_preconditioner)(adam.nu, bias_correction, eps_arg)
         matvec = _host_flat_hvp(loss_fn, params)
         values, _, residuals, (alphas, betas) = _lanczos_top(lambda x: d * matvec(d * x), starts, 1, m, host=True)
     else:

@@ -92,8 +92,8 @@ def make_tracker(
         out = {"loss": loss_fn.value(params)}
         keys = dict(zip(TRACKABLE, jax.random.split(key, len(TRACKABLE))))
         if "lambda_max" in measures:
-            dim = ravel_pytree(params)[0].shape[0]
-            top = hessian.top_eigenvalues(loss_fn, params, keys["lambda_max"], iters=min(track.lanczos_iters, dim))
+            # top_eigenvalues clips the steps to the number of parameters itself.
+            top = hessian.top_eigenvalues(loss_fn, params, keys["lambda_max"], iters=track.lanczos_iters)
             out["lambda_max"] = top.eigenvalues[0]
         if "worst_case" in measures:
             out["worst_case"] = sharpness.worst_case_sharpness(
