@@ -43,9 +43,9 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = "resnet18"
     c.model.width = 1.0
     c.model.dtype = "float32"  # "bfloat16" computes in bf16 with float32 parameters (GPUs).
-    # "auto": on the CPU backend, convolutions on 2x2 maps as matrix products
-    # (jaxsam/models/cpu_conv.py: VGG16 3.8x faster, same numbers to float32 rounding);
-    # XLA's own convolution everywhere else. "native": XLA's everywhere.
+    # "auto": on the CPU backend, convolutions arranged for XLA:CPU (matrix products
+    # on 2x2 maps and 1x1 kernels, batch chunks elsewhere; jaxsam/models/cpu_conv.py,
+    # same numbers to float32 rounding); XLA's own convolution on GPU/TPU. "native": XLA's everywhere.
     c.model.conv = "auto"
 
     c.data = ml_collections.ConfigDict()

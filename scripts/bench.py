@@ -1,22 +1,28 @@
 """Benchmarks, side by side in one run: python scripts/bench.py [--size full|cpu] [--out bench.json].
 
-Measures, each in its own subprocess (so peak memory is its own), as the
-median over `--repeats` timed calls after compilation:
+Measures, after compilation, as medians over `--repeats` timed calls:
 
-* train step images/s of ResNet18 and VGG16, jaxsam (CPU convolution
-  `conv="auto"` and XLA's `conv="native"`) against a PyTorch reference of the
-  identical network (scripts/torch_reference.py; skipped with a message when
-  torch is not installed);
+* train step images/s of ResNet18 and VGG16, jaxsam (CPU convolutions
+  `conv="auto"`, and XLA's `conv="native"` with --native) against a PyTorch
+  reference of the identical network (scripts/torch_reference.py; skipped with
+  a message when torch is not installed);
 * SAM step / base step and LookSAM(k=5) step / base step;
 * Hessian-vector product time / gradient time, and how many HVPs Lanczos
-  needs for λmax to 1e-2 relative accuracy;
+  needs for λmax to 1e-2 relative accuracy (`--lanczos_examples`, default
+  4,096; at a trained run's checkpoint with --workdir);
 * data pipeline images/s (host batching + on-device augmentation) against
-  what the train step consumes;
+  what the fastest train step consumes;
 * bfloat16 compute against float32;
+* one gradient inside `fori_loop`/`scan` against outside (XLA:CPU's weakness
+  that jaxsam/geometry/driver.py works around);
 
-with compile time and peak RSS of each. Ratios are taken within the run (the
-machine's speed drifts between runs). `--size cpu` uses the `:cpu` width
-(1/8) for a quick pass; `--size full` the published networks.
+with compile time and peak RSS of each. Every measurement runs in its own
+process, so its peak memory is its own. Steps that are compared (jaxsam vs
+PyTorch, SAM vs base, bf16 vs f32) run in warm processes that take turns, one
+call each per round, so both sides of a ratio see the same stretches of this
+drifting machine; the other ratios alternate their calls within one process.
+`--size cpu` uses the `:cpu` width (1/8) for a quick pass; `--size full` the
+published networks.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import queue
+import tempfile
+import threading
 import time
+from typing import Any, Callable, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_HINT = "pip install torch==2.13.0  (CPU build; or --index-url https://download.pytorch.org/whl/cpu)"
@@ -40,21 +50,42 @@ def _peak_rss_mb() -> float:
 
 def _timed(fn, repeats: int, sync) -> tuple[float, float]:
     """(first call seconds, median of `repeats` further calls)."""
-    start = time.perf_counter()
-    sync(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    return _alternating([fn], repeats, sync)[0]
+
+
+def _alternating(fns: list, repeats: int, sync) -> list[tuple[float, float]]:
+    """(first call seconds, median of `repeats` further calls) of each fn, the calls taken in turn.
+
+    Taking turns puts each function's calls in the same stretches of time, so
+    ratios between them survive the machine's drift.
+    """
+    first, times = [], [[] for _ in fns]
+    for fn in fns:
         start = time.perf_counter()
         sync(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        first.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            sync(fn())
+            t.append(time.perf_counter() - start)
+    return [(f, statistics.median(t)) for f, t in zip(first, times)]
 
 
 # ---------------------------------------------------------------- workers (subprocess side)
 
 
-def _jax_train(spec: dict) -> dict:
+class Step(NamedTuple):
+    """What a served worker times: `sync(call())` runs `steps` train steps of `batch` images."""
+
+    call: Callable[[], Any]
+    sync: Callable[[Any], Any]
+    steps: int
+    batch: int
+    extra: dict
+
+
+def _jax_train(spec: dict) -> Step:
     import jax
     import numpy as np
 
@@ -89,12 +120,10 @@ def _jax_train(spec: dict) -> dict:
             holder["state"], sums = steps[i](holder["state"], images, labels)
         return sums
 
-    first, median = _timed(call, spec["repeats"], jax.block_until_ready)
-    seconds = median / per_call
-    return {"seconds_per_step": seconds, "images_per_s": batch / seconds, "compile_s": first - median}
+    return Step(call, jax.block_until_ready, per_call, batch, {"backend": jax.default_backend()})
 
 
-def _torch_train(spec: dict) -> dict:
+def _torch_train(spec: dict) -> Step:
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -114,13 +143,31 @@ def _torch_train(spec: dict) -> dict:
         opt.step()
         return loss
 
-    first, median = _timed(call, spec["repeats"], lambda loss: loss.item())
-    return {
-        "seconds_per_step": median,
-        "images_per_s": batch / median,
-        "compile_s": first - median,
-        "threads": torch.get_num_threads(),
-    }
+    return Step(call, lambda loss: loss.item(), 1, batch, {"threads": torch.get_num_threads(), "torch": torch.__version__})
+
+
+def _sleep(spec: dict) -> Step:
+    """A step that sleeps `seconds`: checks the interleaving protocol itself (tests/test_bench.py)."""
+    return Step(lambda: time.sleep(spec["seconds"]), lambda _: None, 1, 1, {})
+
+
+STEPS = {"jax_train": _jax_train, "torch_train": _torch_train, "sleep": _sleep}
+
+
+def _serve(spec: dict) -> None:
+    """Worker side of `_interleaved`: set up, run one call (compilation), then one timed call per "step" line."""
+    step = STEPS[spec["kind"]](spec)
+    start = time.perf_counter()
+    step.sync(step.call())
+    print("READY " + json.dumps({"first_s": time.perf_counter() - start}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        step.sync(step.call())
+        print(f"TIME {time.perf_counter() - start}", flush=True)
+    print("DONE " + json.dumps({"steps": step.steps, "batch": step.batch, "peak_rss_mb": _peak_rss_mb(),
+                                **step.extra}), flush=True)  # fmt: skip
 
 
 def _hvp(spec: dict) -> dict:
@@ -145,8 +192,8 @@ def _hvp(spec: dict) -> dict:
     grad = jax.jit(jax.grad(loss))
     product = jax.jit(lambda p, v: hvp(loss, p, v))
     v = jax.tree.map(jnp.ones_like, params)
-    g_first, g = _timed(lambda: grad(params), spec["repeats"], jax.block_until_ready)
-    h_first, h = _timed(lambda: product(params, v), spec["repeats"], jax.block_until_ready)
+    (g_first, g), (h_first, h) = _alternating([lambda: grad(params), lambda: product(params, v)], spec["repeats"],
+                                              jax.block_until_ready)  # fmt: skip
     return {"grad_s": g, "hvp_s": h, "hvp_over_grad": h / g, "compile_s": g_first - g + h_first - h}
 
 
@@ -184,6 +231,42 @@ def _lanczos(spec: dict) -> dict:
     return {"lambda_max": final, "hvps_to_1e-2": needed, "iters": iters, "n": n, "at": where, "seconds": seconds}
 
 
+def _loops(spec: dict) -> dict:
+    """One gradient outside any loop against the same gradient inside `fori_loop` and `scan` (XLA:CPU's weakness)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxsam.models import get_model
+
+    batch = spec["batch"]
+    model = get_model("resnet18", 10, width=spec["width"])
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2 * batch, 32, 32, 3).astype(np.float32))
+    y = jnp.asarray(rng.randint(0, 10, 2 * batch))
+    variables = jax.jit(lambda k: model.init(k, x[:2], train=False))(jax.random.key(0))
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def loss(p, xb, yb):
+        logits = model.apply({"params": p, "batch_stats": stats}, xb, train=False)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], 1))
+
+    grad = jax.grad(lambda p: loss(p, x[:batch], y[:batch]))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    looped = jax.jit(lambda p: jax.lax.fori_loop(0, 2, lambda i, acc: jax.tree.map(jnp.add, acc, grad(p)), zeros))
+    xs, ys = x.reshape(2, batch, 32, 32, 3), y.reshape(2, batch)
+
+    def scanned(p, unroll):
+        return jax.lax.scan(lambda c, b: (c + loss(p, *b), None), 0.0, (xs, ys), unroll=unroll)[0]
+
+    fns = [jax.jit(grad), looped, jax.jit(jax.grad(lambda p: scanned(p, 1))), jax.jit(jax.grad(lambda p: scanned(p, True)))]
+    (_, one), (_, two), (_, rolled), (_, unrolled) = _alternating(
+        [lambda f=f: f(params) for f in fns], spec["repeats"], jax.block_until_ready
+    )
+    return {"grad_s": one, "fori_loop_per_grad": two / (2 * one), "scan_per_grad": rolled / (2 * one),
+            "unrolled_scan_per_grad": unrolled / (2 * one)}  # fmt: skip
+
+
 def _archive() -> str | None:
     path = os.environ.get("JAXSAM_CIFAR10") or os.path.join(ROOT, "..", "shared", "data", "cifar10",
                                                             "cifar-10-binary.tar.gz")  # fmt: skip
@@ -219,7 +302,8 @@ def _data(spec: dict) -> dict:
     return {"images_per_s": batch * steps / median, "source": source, "compile_s": first - median}
 
 
-WORKERS = {"jax_train": _jax_train, "torch_train": _torch_train, "hvp": _hvp, "lanczos": _lanczos, "data": _data}
+SECTIONS = ("train", "sam", "hvp", "lanczos", "data", "bf16", "loops")
+WORKERS = {"hvp": _hvp, "lanczos": _lanczos, "data": _data, "loops": _loops}
 
 
 def _worker(spec: dict) -> None:
@@ -244,6 +328,88 @@ def _run(spec: dict, timeout: float) -> dict:
     return {"error": tail}
 
 
+class _Server:
+    """A `--serve` worker process and a thread that queues its protocol lines (READY/TIME/DONE)."""
+
+    def __init__(self, spec: dict):
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(("READY ", "TIME ", "DONE ")):
+                self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, word: str, deadline: float) -> str:
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"timed out waiting for {word}") from None
+        if line is None or not line.startswith(word + " "):
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["worker exited without output"])[-1]
+            raise RuntimeError(tail)
+        return line[len(word) + 1:]
+
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+
+def _interleaved(specs: list[dict], rounds: int, timeout: float, pause: float = 0.2) -> list[dict]:
+    """Times the steps of `specs` in turn, one call each per round, each in its own warm process.
+
+    Each worker compiles and runs one call first; then round after round every
+    worker times one call while the others wait idle (`pause` seconds between
+    calls let the previous one's thread pool go quiet). A ratio of two medians
+    so measured compares the same stretches of a drifting machine. Returns one
+    dict per spec: seconds_per_step, images_per_s, compile_s, peak_rss_mb, round_s
+    (or "error").
+    """
+    deadline = time.monotonic() + timeout
+    servers, out = [], [dict() for _ in specs]
+    try:
+        for spec, result in zip(specs, out):
+            server = _Server(spec)
+            servers.append(server)
+            try:
+                result["first_s"] = json.loads(server.expect("READY", deadline))["first_s"]
+            except RuntimeError as e:
+                result["error"] = str(e)
+        live = [(server, result) for server, result in zip(servers, out) if "error" not in result]
+        for _ in range(rounds):
+            for server, result in live:
+                time.sleep(pause)
+                server.send("step")
+                result.setdefault("round_s", []).append(float(server.expect("TIME", deadline)))
+        for server, result in live:
+            server.send("done")
+            result.update(json.loads(server.expect("DONE", deadline)))
+    except RuntimeError as e:
+        for result in out:
+            result.setdefault("error", str(e))
+    finally:
+        for server in servers:
+            server.close()
+    for result in out:
+        if "round_s" in result and "error" not in result:
+            median = statistics.median(result["round_s"])
+            result["seconds_per_step"] = median / result["steps"]
+            result["images_per_s"] = result["batch"] / result["seconds_per_step"]
+            result["compile_s"] = result.pop("first_s") - median
+    return out
+
+
 def _torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -256,56 +422,77 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("full", "cpu"), default="full")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sections", default="train,sam,hvp,lanczos,data,bf16")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (rounds) per measurement")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {','.join(SECTIONS)}")
     parser.add_argument("--native", action="store_true", help="also time XLA's own convolution (slow on CPU)")
-    parser.add_argument("--lanczos_examples", type=int, default=512)
+    parser.add_argument("--lanczos_examples", type=int, default=4096)
     parser.add_argument("--lanczos_iters", type=int, default=40)
     parser.add_argument("--workdir", default="", help="measure λmax at this run's checkpoint (default: at init)")
-    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(json.loads(args.worker))
         return
+    if args.serve:
+        _serve(json.loads(args.serve))
+        return
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or args.repeats < 1 or args.batch < 1:
+        parser.error(f"unknown sections {unknown}: use some of {','.join(SECTIONS)}" if unknown
+                     else "--repeats and --batch must be at least 1")  # fmt: skip
+    if os.path.exists(args.out) and not os.path.isfile(args.out):
+        parser.error(f"--out {args.out} is not a file: give a file path for the JSON results")
 
     width = 1.0 if args.size == "full" else 0.125
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     torch_ok = _torch_available()
     if not torch_ok:
         print(f"PyTorch not installed: the side-by-side comparison is skipped. To include it: {TORCH_HINT}")
     results: dict = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "width": width, "rows": []}
     rows = results["rows"]
 
+    def show(section: str, name: str, spec: dict, result: dict) -> dict:
+        rows.append({"section": section, "name": name, "spec": spec, **result})
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k != "round_s"}
+        print(f"[{section}] {name}: {shown}", flush=True)
+        return rows[-1]
+
     def record(section: str, name: str, spec: dict) -> dict:
         spec = dict(spec, repeats=args.repeats)
-        print(f"[{section}] {name} ...", end=" ", flush=True)
-        result = _run(spec, args.timeout)
-        rows.append({"section": section, "name": name, "spec": spec, **result})
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
-        print(shown, flush=True)
-        return result
+        print(f"[{section}] {name} ...", flush=True)
+        return show(section, name, spec, _run(spec, args.timeout))
+
+    def record_interleaved(section: str, named_specs: list[tuple[str, dict]]) -> list[dict]:
+        print(f"[{section}] {', '.join(n for n, _ in named_specs)}: taking turns, {args.repeats} rounds ...", flush=True)
+        results = _interleaved([s for _, s in named_specs], args.repeats, args.timeout)
+        return [show(section, n, s, r) for (n, s), r in zip(named_specs, results)]
+
+    def ratio(row: dict, key: str, over: dict, field: str = "images_per_s", invert: bool = False) -> None:
+        if field in row and field in over:
+            row[key] = over[field] / row[field] if invert else row[field] / over[field]
 
     base = dict(kind="jax_train", width=width, batch=args.batch, conv="auto")
     if "train" in sections:
         for model in ("resnet18", "vgg16"):
-            jax_row = record("train", f"{model} jaxsam", dict(base, model=model))
+            group = [(f"{model} jaxsam", dict(base, model=model))]
             if args.native:
-                native = record("train", f"{model} jaxsam native conv", dict(base, model=model, conv="native"))
-                if "images_per_s" in native and "images_per_s" in jax_row:
-                    rows[-1]["auto_over_native"] = jax_row["images_per_s"] / native["images_per_s"]
+                group.append((f"{model} jaxsam native conv", dict(base, model=model, conv="native")))
             if torch_ok:
-                ref = record("train", f"{model} pytorch", dict(kind="torch_train", model=model, width=width,
-                                                                 batch=args.batch))  # fmt: skip
-                if "images_per_s" in ref and "images_per_s" in jax_row:
-                    rows[-1]["jaxsam_over_pytorch"] = jax_row["images_per_s"] / ref["images_per_s"]
+                group.append((f"{model} pytorch", dict(kind="torch_train", model=model, width=width, batch=args.batch)))
+            done = record_interleaved("train", group)
+            for row in done[1:]:
+                if row["spec"]["kind"] == "torch_train":
+                    ratio(row, "jaxsam_over_pytorch", done[0], invert=True)
+                else:
+                    ratio(row, "auto_over_native", done[0], invert=True)
     if "sam" in sections:
-        plain = record("sam", "resnet18 base", dict(base, model="resnet18"))
-        for variant in ("sam", "looksam"):
-            r = record("sam", f"resnet18 {variant}", dict(base, model="resnet18", sam=variant))
-            if "seconds_per_step" in r and "seconds_per_step" in plain:
-                rows[-1]["over_base"] = r["seconds_per_step"] / plain["seconds_per_step"]
+        plain, *variants = record_interleaved("sam", [("resnet18 base", dict(base, model="resnet18"))] + [
+            (f"resnet18 {v}", dict(base, model="resnet18", sam=v)) for v in ("sam", "looksam")])  # fmt: skip
+        for row in variants:
+            ratio(row, "over_base", plain, field="seconds_per_step")
     if "hvp" in sections:
         record("hvp", "resnet18 hvp vs grad", dict(kind="hvp", model="resnet18", width=width, batch=args.batch))
     if "lanczos" in sections:
@@ -316,12 +503,13 @@ def main() -> None:
         d = record("data", "pipeline", dict(kind="data", batch=args.batch, steps=20))
         consumed = [r["images_per_s"] for r in rows if r["spec"]["kind"] == "jax_train" and "images_per_s" in r]
         if consumed and "images_per_s" in d:
-            rows[-1]["over_fastest_step"] = d["images_per_s"] / max(consumed)
+            d["over_fastest_step"] = d["images_per_s"] / max(consumed)
     if "bf16" in sections:
-        f32 = record("bf16", "resnet18 float32", dict(base, model="resnet18"))
-        bf16 = record("bf16", "resnet18 bfloat16", dict(base, model="resnet18", dtype="bfloat16"))
-        if "images_per_s" in f32 and "images_per_s" in bf16:
-            rows[-1]["over_float32"] = bf16["images_per_s"] / f32["images_per_s"]
+        f32, bf16 = record_interleaved("bf16", [("resnet18 float32", dict(base, model="resnet18")),
+                                                ("resnet18 bfloat16", dict(base, model="resnet18", dtype="bfloat16"))])
+        ratio(bf16, "over_float32", f32)
+    if "loops" in sections:
+        record("loops", "resnet18 gradient in loops", dict(kind="loops", width=width, batch=args.batch))
 
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
@@ -332,12 +520,16 @@ def main() -> None:
 def _print_table(rows: list[dict]) -> None:
     print("\n| section | what | images/s | s/step | ratio | compile s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
-    ratio_keys = ("jaxsam_over_pytorch", "auto_over_native", "over_base", "hvp_over_grad", "over_fastest_step", "over_float32")
+    ratio_keys = ("jaxsam_over_pytorch", "auto_over_native", "over_base", "hvp_over_grad", "over_fastest_step",
+                  "over_float32", "fori_loop_per_grad")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"| {r['section']} | {r['name']} | error: {r['error']} | | | | |")
             continue
         ratio = next((f"{k} {r[k]:.2f}" for k in ratio_keys if k in r), "")
+        if r["section"] == "loops":
+            ratio = (f"per gradient: fori_loop {r['fori_loop_per_grad']:.1f}x, scan {r['scan_per_grad']:.1f}x, "
+                     f"unrolled scan {r['unrolled_scan_per_grad']:.1f}x")  # fmt: skip
         if r["section"] == "lanczos":
             ratio = f"λmax {r['lambda_max']:.4g}: {r['hvps_to_1e-2']} HVPs to 1e-2 ({r['n']} examples, at {r['at']})"
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else ""

@@ -6,7 +6,7 @@ power iteration, Hutchinson, stochastic Lanczos quadrature). On GPU and TPU
 the whole loop compiles into one program (`lax.fori_loop` and friends), with
 no host round trip per step. On XLA:CPU a convolution's backward pass inside
 a `while` loop runs about 10x slower than outside one (docs/DESIGN.md,
-`python scripts/bench_loops.py`), so there the loop is driven from Python:
+`python scripts/bench.py --sections loops`), so there the loop is driven from Python:
 each step is one compiled call per microbatch for the gradient or product
 (`LossFunction.value_and_grad` / `.hvp`) and one compiled call for the
 update. Both modes run the same update functions, and the tests check that

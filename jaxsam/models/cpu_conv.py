@@ -1,28 +1,43 @@
-"""A 2-D convolution that XLA:CPU runs fast on tiny maps: the sum of k_h·k_w matrix products.
+"""2-D convolutions arranged so that XLA:CPU runs them fast; XLA's own convolution elsewhere.
 
-A k_h×k_w convolution is a sum of matrix products over shifted (and
-strided) slices of the padded input:
+Three rewrites, each exact up to float32 rounding and each plain JAX (so every
+derivative, Hessian-vector products included, stays automatic):
 
-    y[n, p, q, :] = Σ_{i,j} x_pad[n, s·p + i, s·q + j, :] @ w[i, j].
+* **Tiny maps (at most 2x2) and 1x1 kernels: matrix products.** A k_h×k_w
+  convolution is a sum of matrix products over shifted (and strided) slices
+  of the padded input,
 
-On XLA:CPU (jax 0.10) a 3x3 convolution on a 2x2 map — VGG16's last block,
-512 -> 512 channels — is pathological: 2.7 s forward for a batch of 128
-against 0.05 s as that slice sum, and 4.2 s against 0.17 s for both
-gradients; the whole VGG16 train step runs 3.8x faster with it (docs/DESIGN.md,
-`python scripts/bench.py`). On larger maps XLA's own convolution is as fast
-or faster, including its gradients, so it is kept there.
+      y[n, p, q, :] = Σ_{i,j} x_pad[n, s·p + i, s·q + j, :] @ w[i, j].
+
+  On XLA:CPU (jax 0.10) a 3x3 convolution on a 2x2 map — VGG16's last block,
+  512 -> 512 channels — is pathological: 2.7 s forward for a batch of 128
+  against 0.05 s as that slice sum; the whole VGG16 step runs 3.8x faster.
+  A ResNet's 1x1 stride-2 projection is one strided slice and one matrix
+  product: forward plus both gradients 87 ms against 198 ms (64 -> 128
+  channels on 32x32 maps, batch 128).
+* **Everything else: XLA's convolution on chunks of `BATCH_CHUNK` images.**
+  XLA:CPU's convolution kernels, and above all its weight gradient (computed as
+  a convolution whose window is the whole map, after transposing activations),
+  fall out of cache on a batch of 128: on ResNet18's 32x32x64 layer the
+  forward, input-gradient and weight-gradient take 393/389/502 ms for the
+  batch at once and 243/218/290 ms as four chunks of 32, and the whole
+  ResNet18 train step goes from 12 to 15 img/s. The chunks are a Python loop
+  over slices (unrolled, not a `while`, in which XLA:CPU's convolution
+  gradients are slow; docs/DESIGN.md).
+
+Measured with `python scripts/bench.py` and the per-layer breakdown in
+docs/DESIGN.md ("CPU convolutions").
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (Flax's
-`nn.Conv(conv_general_dilated=...)`): on the CPU backend, for maps of at
-most `SMALL_MAP` pixels, it is the slice sum (plain JAX, so every derivative,
-Hessian-vector products included, is automatic); everywhere else (larger
-maps, GPU, TPU, dilations, groups, other layouts) it is exactly
-`lax.conv_general_dilated`.
+`nn.Conv(conv_general_dilated=...)`): it rewrites only plain NHWC/HWIO
+convolutions on the CPU backend; dilations, groups, other layouts and every
+GPU/TPU call are exactly `lax.conv_general_dilated`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +47,27 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Maps of at most this many pixels (2x2) use the slice sum.
 SMALL_MAP = 4
+# Images per convolution call on CPU (32 was fastest of 8/16/32/64/128 on
+# ResNet18's layers, 2-core machine; `JAXSAM_CPU_CONV_CHUNK` overrides, 0 = whole batch),
+# for inputs of at least CHUNK_BYTES with at least CHUNK_CHANNELS channels (the
+# width-1/8 ResNet18, 8-64 channels, gained nothing and compiled 50% longer).
+BATCH_CHUNK = 32
+CHUNK_BYTES = 4 << 20
+CHUNK_CHANNELS = 64
+
+
+def batch_chunk() -> int:
+    """Images per XLA convolution call on CPU: $JAXSAM_CPU_CONV_CHUNK, else `BATCH_CHUNK` (0: no chunking)."""
+    value = os.environ.get("JAXSAM_CPU_CONV_CHUNK", "")
+    if not value:
+        return BATCH_CHUNK
+    try:
+        chunk = int(value)
+    except ValueError:
+        chunk = -1
+    if chunk < 0:
+        raise ValueError(f"JAXSAM_CPU_CONV_CHUNK={value!r}: set it to a whole number of images (0 = no chunking)")
+    return chunk
 
 
 def _native(x, w, strides, pads):
@@ -95,11 +131,22 @@ def conv_general_dilated(
     )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_pads(padding, lhs.shape, rhs.shape, strides) if plain else None
-    if pads is None or lhs.shape[1] * lhs.shape[2] > SMALL_MAP:
+    if pads is None:
         return native()
-    # Plain JAX ops: autodiff transposes the slices and matrix products, so
-    # the gradients (and forward-over-reverse HVPs) are matrix products too.
-    return conv_as_matmuls(lhs, rhs, strides, pads)
+    if lhs.shape[1] * lhs.shape[2] <= SMALL_MAP or rhs.shape[:2] == (1, 1):
+        # Plain JAX ops: autodiff transposes the slices and matrix products, so
+        # the gradients (and forward-over-reverse HVPs) are matrix products too.
+        return conv_as_matmuls(lhs, rhs, strides, pads)
+    large = lhs.size * lhs.dtype.itemsize >= CHUNK_BYTES and lhs.shape[3] >= CHUNK_CHANNELS
+    return conv_in_chunks(lhs, rhs, strides, pads, batch_chunk() if large else 0)
+
+
+def conv_in_chunks(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple, chunk: int) -> jax.Array:
+    """XLA's NHWC convolution applied to `chunk` images at a time and concatenated (0 or ≥ batch: one call)."""
+    n = x.shape[0]
+    if chunk <= 0 or chunk >= n:
+        return _native(x, w, strides, pads)
+    return jnp.concatenate([_native(x[i : i + chunk], w, strides, pads) for i in range(0, n, chunk)], axis=0)
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_shape, rhs_shape) -> bool:

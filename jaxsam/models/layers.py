@@ -34,9 +34,10 @@ CONV_IMPLS = ("auto", "native")
 def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any, impl: str = "auto") -> nn.Conv:
     """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side).
 
-    `impl="auto"` uses `cpu_conv.conv_general_dilated` (matrix products on
-    maps of 2x2 or smaller on the CPU backend, where XLA's convolution is
-    pathological; XLA's convolution elsewhere); "native" is always XLA's.
+    `impl="auto"` uses `cpu_conv.conv_general_dilated` (on the CPU backend:
+    matrix products on maps of 2x2 or smaller and for 1x1 kernels, XLA's
+    convolution on chunks of 32 images for large activations; exactly XLA's
+    convolution on GPU/TPU); "native" is always XLA's, unchunked.
     Both have the same parameters.
     """
     if impl not in CONV_IMPLS:

@@ -50,7 +50,7 @@ class ResNet(nn.Module):
       width: channel multiplier (0.25 gives a 16/32/64/128-channel network).
       dtype: compute dtype; parameters and BatchNorm statistics stay float32
         and the logits are returned in float32.
-      conv: "auto" (`cpu_conv`: matrix products on tiny maps on CPU) or "native".
+      conv: "auto" (`cpu_conv`: convolutions arranged for XLA:CPU on CPU) or "native".
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)

@@ -36,7 +36,7 @@ class VGG(nn.Module):
       width: channel multiplier for CPU-scale runs.
       dtype: compute dtype; parameters and BatchNorm statistics stay float32
         and the logits are returned in float32.
-      conv: "auto" (`cpu_conv`: matrix products on tiny maps on CPU) or "native".
+      conv: "auto" (`cpu_conv`: convolutions arranged for XLA:CPU on CPU) or "native".
     """
 
     layout: Sequence[Union[int, str]] = VGG16_LAYOUT

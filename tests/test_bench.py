@@ -1,0 +1,39 @@
+"""scripts/bench.py's measuring machinery: turn-taking worker processes and its error rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_workers_time_each_step_and_keep_their_ratio(bench):
+    fast, slow = bench._interleaved([dict(kind="sleep", seconds=0.05), dict(kind="sleep", seconds=0.15)], rounds=3,
+                                    timeout=120, pause=0.0)  # fmt: skip
+    for result, seconds in ((fast, 0.05), (slow, 0.15)):
+        assert "error" not in result, result
+        assert len(result["round_s"]) == 3 and result["steps"] == 1 and result["batch"] == 1
+        assert seconds <= result["seconds_per_step"] < seconds + 0.05
+        assert result["images_per_s"] == pytest.approx(1 / result["seconds_per_step"])
+        assert result["peak_rss_mb"] > 0
+    assert 2.0 < slow["seconds_per_step"] / fast["seconds_per_step"] <= 3.0
+
+
+def test_a_failing_worker_gives_an_error_row_and_the_others_still_run(bench):
+    ok, broken = bench._interleaved([dict(kind="sleep", seconds=0.01), dict(kind="no_such_step")], rounds=2,
+                                    timeout=120, pause=0.0)  # fmt: skip
+    assert "seconds_per_step" in ok and len(ok["round_s"]) == 2
+    assert "error" in broken and "no_such_step" in broken["error"]
