@@ -46,8 +46,8 @@ def get_model(
         parameters stay float32.
       conv: "auto": on the CPU backend, convolutions arranged for XLA:CPU
         (`jaxsam.models.cpu_conv`: matrix products on 2x2 maps and for 1x1
-        kernels, batch chunks elsewhere; VGG16 trains ~5x and ResNet18 ~1.5x
-        faster than with "native"); XLA's own convolution on GPU/TPU. "native": XLA's always.
+        kernels, batch chunks elsewhere; VGG16 trains 4.4x and ResNet18 1.14x
+        faster than with "native", `scripts/bench.py --native`, one run); XLA's own convolution on GPU/TPU. "native": XLA's always.
 
     Returns:
       The Flax module.
