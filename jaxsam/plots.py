@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -69,10 +70,11 @@ def _style(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=FONT["tick"])
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
+def _save(fig: Figure, path: str | os.PathLike, *, layout: bool = True) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI, format="png")
     fig.clear()
     return path
@@ -113,6 +115,13 @@ def plot_curve(
     if not results:
         raise ValueError("plot_curve needs at least one (label, result)")
     fig, ax = _figure()
+    _draw_curves(ax, results, title=title, xlabel=xlabel, log_loss=log_loss)
+    return _save(fig, path)
+
+
+def _draw_curves(ax: Any, results: Sequence[tuple[str, Any]], *, title: str = "", xlabel: str | None = None,
+                 log_loss: bool = False, legend: bool = True) -> None:  # fmt: skip
+    """plot_curve's drawing on one axes."""
     acc_ax = None
     handles = []
     kinds = set()
@@ -143,7 +152,7 @@ def plot_curve(
             Line2D([], [], color="0.2", lw=1.6, label="loss"),
             Line2D([], [], color="0.2", lw=1.1, ls="--", label="accuracy"),
         ]
-    if len(handles) > 1:
+    if legend and len(handles) > 1:
         # Below the axes: curves of landscapes fill the whole plot area, wherever a legend goes inside.
         ax.legend(
             handles=handles,
@@ -153,7 +162,6 @@ def plot_curve(
             ncols=min(len(handles), 4),
             frameon=False,
         )
-    return _save(fig, path)
 
 
 def _levels(loss: np.ndarray, count: int = 20) -> tuple[np.ndarray, Any]:
@@ -193,12 +201,24 @@ def plot_surface(
     Returns:
       The path written.
     """
+    fig, ax = _figure()
+    _draw_surface(fig, ax, result, title=title, xlabel=xlabel, ylabel=ylabel)
+    return _save(fig, path)
+
+
+def _surface_arrays(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     result = _as_dict(result)
     x, y, loss = _floats(result["x"]), _floats(result["y"]), _floats(result["loss"])
     if loss.shape != (len(y), len(x)):
         raise ValueError(f"loss must have shape (len(y), len(x)) = ({len(y)}, {len(x)}), got {loss.shape}")
-    fig, ax = _figure()
-    levels, norm = _levels(loss)
+    return x, y, loss
+
+
+def _draw_surface(fig: Figure, ax: Any, result: Any, *, title: str = "", xlabel: str = "", ylabel: str = "",
+                  levels: tuple[np.ndarray, Any] | None = None) -> None:  # fmt: skip
+    """plot_surface's drawing on one axes; `levels` = (levels, norm) shared between panels."""
+    x, y, loss = _surface_arrays(result)
+    levels, norm = levels if levels is not None else _levels(loss)
     masked = np.ma.masked_invalid(loss)
     filled = ax.contourf(x, y, masked, levels=levels, norm=norm, cmap="viridis", extend="neither")
     line_levels = levels[::2]
@@ -208,7 +228,10 @@ def plot_surface(
     bar.set_label("loss", fontsize=FONT["label"])
     bar.ax.tick_params(labelsize=FONT["tick"])
     if isinstance(norm, colors.LogNorm):
+        # Plain numbers at a few of the levels: log colour bars otherwise label only powers of ten.
+        bar.set_ticks(levels[:: max(1, len(levels) // 6)])
         bar.ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        bar.ax.yaxis.set_minor_locator(ticker.NullLocator())
     if x[0] <= 0 <= x[-1] and y[0] <= 0 <= y[-1]:
         ax.plot([0.0], [0.0], marker="*", ms=12, color="red", mec="white", mew=0.8, ls="none", label="centre w")
         ax.legend(fontsize=FONT["legend"], loc="upper right", framealpha=0.85)
@@ -216,7 +239,6 @@ def plot_surface(
     ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
     ax.yaxis.set_major_locator(ticker.MaxNLocator(5))
     _style(ax, title, xlabel, ylabel)
-    return _save(fig, path)
 
 
 def _flat(value: Any) -> np.ndarray:
@@ -250,6 +272,13 @@ def plot_spectral_density(
     if not results:
         raise ValueError("plot_spectral_density needs at least one (label, result)")
     fig, ax = _figure()
+    _draw_density(ax, results, title=title, xlabel=xlabel)
+    return _save(fig, path)
+
+
+def _draw_density(ax: Any, results: Sequence[tuple[str, Mapping[str, Any]]], *, title: str = "",
+                  xlabel: str = "eigenvalue") -> None:  # fmt: skip
+    """plot_spectral_density's drawing on one axes."""
     has_nodes = False
     for index, (label, result) in enumerate(results):
         result = _as_dict(result)
@@ -282,7 +311,6 @@ def plot_spectral_density(
         handles.append(Line2D([], [], ls="none", marker="|", ms=8, color="0.3", label="Ritz values (ticks)"))
     if len(handles) > 1:
         ax.legend(handles=handles, fontsize=FONT["legend"], loc="best", framealpha=0.85)
-    return _save(fig, path)
 
 
 def plot_metric_curves(
@@ -322,4 +350,190 @@ def plot_metric_curves(
     return _save(fig, path)
 
 
-__all__ = ["plot_curve", "plot_surface", "plot_spectral_density", "plot_metric_curves"]
+# ---------------------------------------------------------------------------
+# Panel grids: one figure, one panel per (model, optimizer) or per measure (the study report).
+
+PANEL_SIZE = (4.4, 3.3)  # inches per panel
+
+
+def _panel_figure(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.6), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = np.array([[fig.add_subplot(nrows, ncols, r * ncols + c + 1) for c in range(ncols)]
+                     for r in range(nrows)])  # fmt: skip
+    return fig, axes
+
+
+def _grid_shape(panels: Sequence[Sequence[Any]]) -> tuple[int, int]:
+    if not panels or not any(panels):
+        raise ValueError("a panel figure needs at least one panel")
+    return len(panels), max(len(row) for row in panels)
+
+
+def _finish_panels(fig: Figure, axes: np.ndarray, panels, title: str, path, legend_handles=None) -> pathlib.Path:
+    for r, row in enumerate(panels):
+        for c in range(axes.shape[1]):
+            if c >= len(row) or row[c] is None:
+                axes[r, c].set_axis_off()
+    if title:  # wrapped to the figure's width (about 11 characters per inch at this size)
+        fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=FONT["title"] + 1)
+    if legend_handles:
+        fig.legend(handles=legend_handles, loc="lower center", ncols=min(len(legend_handles), 5),
+                   fontsize=FONT["legend"] + 1, frameon=False)  # fmt: skip
+        fig.tight_layout(rect=(0, 0.07 + 0.02 * (len(legend_handles) > 5), 1, 1))
+    else:
+        fig.tight_layout()
+    return _save(fig, path, layout=False)
+
+
+def plot_band_panels(
+    panels: Sequence[Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]] | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    xlabel: str = "epoch",
+    ylabel: str = "",
+    log_y: bool = False,
+) -> pathlib.Path:
+    """A grid of panels of mean lines with ± std bands (e.g. test accuracy over epochs, seeds averaged).
+
+    Args:
+      panels: rows of (panel title, {label: (x, mean, std)}) or None for an empty cell;
+        a std of NaN (one seed) draws no band. The same label has the same colour in every panel.
+      path: the PNG to write.
+      title, xlabel, ylabel: figure title and every panel's axis labels (units in ylabel).
+      log_y: log-scale y axes.
+
+    Returns:
+      The path written.
+    """
+    nrows, ncols = _grid_shape(panels)
+    fig, axes = _panel_figure(nrows, ncols)
+    colours: dict[str, str] = {}
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is None:
+                continue
+            panel_title, series = panel
+            ax = axes[r, c]
+            for label, (xs, mean, std) in series.items():
+                colour = colours.setdefault(label, f"C{len(colours) % 10}")
+                xs, mean, std = _flat(xs), _flat(mean), _flat(std)
+                ax.plot(xs, mean, color=colour, lw=1.6, marker="o" if xs.size <= 30 else None, ms=3, label=label)
+                if np.any(np.isfinite(std)):
+                    ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            if log_y:
+                ax.set_yscale("log")
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+            _style(ax, panel_title, xlabel, ylabel)
+            ax.grid(True, alpha=0.3)
+            if len(series) > 1:
+                ax.legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
+    return _finish_panels(fig, axes, panels, title, path)
+
+
+def plot_scatter_panels(
+    panels: Sequence[Sequence[tuple[str, str, Sequence[Mapping[str, Any]]] | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    ylabel: str = "",
+    legend: Sequence[Mapping[str, Any]] = (),
+) -> pathlib.Path:
+    """A grid of scatter panels (e.g. each sharpness measure against the generalization gap).
+
+    Args:
+      panels: rows of (panel title, x label, points) or None; each point a dict
+        with x, y, colour, marker and filled (bool).
+      path: the PNG to write.
+      title, ylabel: figure title and the shared y label.
+      legend: entries {label, colour, marker, filled} of a legend below the panels.
+
+    Returns:
+      The path written.
+    """
+    nrows, ncols = _grid_shape(panels)
+    fig, axes = _panel_figure(nrows, ncols)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is None:
+                continue
+            panel_title, xlabel, points = panel
+            ax = axes[r, c]
+            for p in points:
+                face = p["colour"] if p.get("filled", True) else "none"
+                ax.plot([p["x"]], [p["y"]], ls="none", marker=p["marker"], ms=7, mfc=face, mec=p["colour"], mew=1.4)
+            _style(ax, panel_title, xlabel, ylabel if c == 0 else "")
+            ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], ls="none", marker=e["marker"], ms=7, mec=e["colour"], mew=1.4,
+                      mfc=e["colour"] if e.get("filled", True) else "none", label=e["label"])
+               for e in legend]  # fmt: skip
+    return _finish_panels(fig, axes, panels, title, path, legend_handles=handles)
+
+
+def plot_curve_panels(
+    panels: Sequence[Sequence[tuple[str, Sequence[tuple[str, Any]]] | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    xlabel: str | None = None,
+) -> pathlib.Path:
+    """A grid of plot_curve panels (e.g. the base -> SAM interpolation per model and optimizer)."""
+    nrows, ncols = _grid_shape(panels)
+    fig, axes = _panel_figure(nrows, ncols)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is not None:
+                _draw_curves(axes[r, c], panel[1], title=panel[0], xlabel=xlabel, legend=False)
+                if len(panel[1]) > 1:
+                    axes[r, c].legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
+    return _finish_panels(fig, axes, panels, title, path)
+
+
+def plot_surface_panels(
+    panels: Sequence[Sequence[tuple[str, Any] | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    xlabel: str = "α  (direction 1)",
+    ylabel: str = "β  (direction 2)",
+) -> pathlib.Path:
+    """A grid of 2-D loss surfaces with the same contour levels in every panel, so they compare."""
+    nrows, ncols = _grid_shape(panels)
+    losses = [_surface_arrays(p[1])[2] for row in panels for p in row if p is not None]
+    shared = _levels(np.concatenate([loss.ravel() for loss in losses]))
+    fig, axes = _panel_figure(nrows, ncols)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is not None:
+                _draw_surface(fig, axes[r, c], panel[1], title=panel[0], xlabel=xlabel, ylabel=ylabel, levels=shared)
+    return _finish_panels(fig, axes, panels, title, path)
+
+
+def plot_density_panels(
+    panels: Sequence[Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]]] | None]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> pathlib.Path:
+    """A grid of spectral-density panels (e.g. base vs SAM per model and optimizer)."""
+    nrows, ncols = _grid_shape(panels)
+    fig, axes = _panel_figure(nrows, ncols)
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is not None:
+                _draw_density(axes[r, c], panel[1], title=panel[0], xlabel="Hessian eigenvalue")
+    return _finish_panels(fig, axes, panels, title, path)
+
+
+__all__ = [
+    "plot_curve",
+    "plot_surface",
+    "plot_spectral_density",
+    "plot_metric_curves",
+    "plot_band_panels",
+    "plot_scatter_panels",
+    "plot_curve_panels",
+    "plot_surface_panels",
+    "plot_density_panels",
+]

@@ -16,6 +16,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/adam_sam.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<size>])")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/jaxsam/xla", "folder of JAX's persistent compilation cache ('' turns it off)"
+)
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "resume a workdir whose config.json differs (the old one is kept as config.<n>.json)"
 )
@@ -33,8 +36,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config=... --workdir=...")
     # Orbax logs every checkpoint step at INFO; the progress bar and metrics.jsonl say what matters.
     logging.set_verbosity(logging.WARNING)
-    from jaxsam import data
+    from jaxsam import data, parallel
     from jaxsam.train import train_and_evaluate
+
+    parallel.use_compilation_cache(_CACHE.value)
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]), config.size)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
+
+# One persistent XLA compilation cache for the session and the subprocesses it
+# starts (they inherit the variable): many tests compile the same small networks,
+# and a study compiles the same programs for every arm. Set before JAX is imported.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsam-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

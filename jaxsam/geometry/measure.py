@@ -40,6 +40,7 @@ MEASURES = (
     "interpolation",
     "slice_1d",
     "surface_2d",
+    "accuracy",  # last, so the random keys of the others (folded from their index) stay as they were
 )
 
 LANDSCAPE_MEASURES = ("interpolation", "slice_1d", "surface_2d")
@@ -51,6 +52,7 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
     o.measures = ",".join(MEASURES)
     o.splits = "train,test"  # which subsets are measured (each: the first n_examples of the split)
     o.n_examples = 4096
+    o.accuracy_examples = 0  # accuracy: loss and accuracy on the first n examples of the split (0: all)
     o.batch_size = 500
     o.bn = "eval"
     o.seed = 0
@@ -76,6 +78,7 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
         # About ten minutes for every measure of a width-1/8 ResNet18 on 2 CPU cores.
         o.splits = "train"
         o.n_examples = 512
+        o.accuracy_examples = 10000
         o.batch_size = 256
         o.ascent_steps = 10
         o.samples = 16
@@ -165,6 +168,7 @@ def measure_run(
 
     results: dict[str, Any] = {
         "workdir": workdir,
+        "compare_to": compare_to,
         "step": int(run.state.step),
         "options": options.to_dict(),
         "config": {"model": run.config.model.to_dict(), "optimizer": run.config.optimizer.to_dict(),
@@ -191,7 +195,10 @@ def measure_run(
             loss_fn = _recalibrated_loss_fn(run, split, variables, options)
         k = jax.random.fold_in(key, MEASURES.index(name))
         start = time.time()
-        result = _measure(name, loss_fn, params, run, other, options, k)
+        if name == "accuracy":
+            result = _accuracy(run, split, variables, options)
+        else:
+            result = _measure(name, loss_fn, params, run, other, options, k)
         seconds = time.time() - start
         record = dict(to_json(result), seconds=seconds)
         results["splits"].setdefault(split, {})[name] = record
@@ -207,6 +214,16 @@ def measure_run(
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
     return results
+
+
+def _accuracy(run, split, variables, o) -> dict[str, Any]:
+    """Loss and accuracy of the network on the first `o.accuracy_examples` of the split (0: all of it)."""
+    source = getattr(run.dataset, split)
+    n = min(o.accuracy_examples or len(source), len(source))
+    loss_fn = make_loss_fn(run.model, variables, source.images[:n], source.labels[:n], batch_size=o.batch_size,
+                           bn=o.bn, subset=f"{split}[:{n}]")  # fmt: skip
+    loss_sum, correct = jax.jit(loss_fn.per_example_sums)(variables["params"])
+    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n, "info": loss_fn.info}
 
 
 def _recalibrated_loss_fn(run, split, variables, o):
@@ -280,6 +297,8 @@ def _floats(values) -> np.ndarray:
 
 def _headline(name: str, record: dict) -> str:
     """A short human summary of one result for the log line."""
+    if name == "accuracy":
+        return f"accuracy {100 * record['accuracy']:.2f}%, loss {record['loss']:.4g} on {record['info']['subset']}"
     if name in ("worst_case", "worst_case_adaptive", "average_case", "first_order"):
         err = record.get("standard_error")
         return f"{record['value']:.4g}" + (f" ± {err:.2g}" if err else "")

@@ -1,0 +1,79 @@
+"""The study: {ResNet18, VGG16} x {SGD, Adam} x {no SAM, SAM} x seeds, trained, measured, reported.
+
+    python scripts/study.py --config configs/study.py               # paper scale (GPU: hours per arm)
+    python scripts/study.py --config configs/study.py:cpu           # real CIFAR-10 on a 2-core CPU, 8 arms x 2 seeds
+    python scripts/study.py --config configs/study.py:smoke         # seconds: 2 arms x 1 seed, synthetic data
+    # more arms (see jaxsam/study.py ARMS), more seeds, any training field of every arm:
+    python scripts/study.py --config configs/study.py:cpu --config.arms=sgd,sgd_sam,sgd_asam,sgd_looksam \
+        --config.seeds=3 --config.run.train.num_epochs=5
+
+Fields:
+  models, arms: comma-separated names (arms: jaxsam.study.ARMS; the original
+    study's setting is original_sgd, original_sgd_asam, original_adam, original_adam_asam).
+  seeds: how many seeds (0 .. seeds-1) each (model, arm) is trained with.
+  run: a full training config (jaxsam/config.py) of the chosen size. Every field
+    set here to something other than its default is applied to every arm after
+    the arm's own optimizer and SAM settings; by default that is the geometry
+    tracked during training (track.*), so the report can plot sharpness over epochs.
+  measure: the options of jaxsam.geometry.measure for every final checkpoint.
+  figure_measures / figure_seeds: measures needed only for figures (spectral
+    density, 2-D surface), run on the first `figure_seeds` seeds only.
+"""
+
+import ml_collections
+
+from jaxsam.config import SIZES, base_config
+from jaxsam.geometry.measure import measure_options
+
+
+def get_config(size=None):
+    size = size or "full"
+    if size not in SIZES:
+        raise ValueError(f"unknown study size {size!r}: use one of {', '.join(SIZES)} (e.g. configs/study.py:cpu)")
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.models = "resnet18,vgg16"
+    c.arms = "sgd,sgd_sam,adam,adam_sam"
+    c.seeds = 3
+    c.figure_seeds = 1
+    c.figure_measures = "density,surface_2d"
+
+    c.run = base_config(size)
+    c.run.train.progress = False  # the study prints one line per arm instead
+    c.run.track.measures = "lambda_max,worst_case,first_order"
+
+    c.measure = measure_options(size)
+    # Every scalar measure of the tables, plus the base -> SAM interpolation.
+    c.measure.measures = ("accuracy,worst_case,worst_case_adaptive,average_case,first_order,"
+                          "lambda_max,trace,preconditioned,interpolation")  # fmt: skip
+    c.measure.splits = "train"
+    c.measure.accuracy_examples = 0  # the whole training split: the generalization gap's train accuracy
+
+    if size == "full":
+        c.run.track.every_epochs = 10
+    elif size == "cpu":
+        # About 2.5 hours for 8 arms x 2 seeds on 2 CPU cores: each training run takes
+        # 3-10 minutes, so the per-run measures are kept to about 3 minutes.
+        c.seeds = 2
+        c.run.track.every_epochs = 1
+        c.run.track.n_examples = 256
+        c.run.track.lanczos_iters = 5
+        c.run.track.ascent_steps = 3
+        c.measure.ascent_steps = 5
+        c.measure.lanczos_iters = 8
+        c.measure.trace_probes = 5
+        c.measure.density_order = 16
+        c.measure.surface_points = 7
+        c.measure.interpolation_points = 13
+        c.measure.accuracy_examples = 10000
+    else:  # smoke
+        c.models = "resnet18"
+        c.arms = "sgd,sgd_sam"
+        c.seeds = 1
+        c.run.track.every_epochs = 1
+        c.run.track.n_examples = 32
+        c.run.track.batch_size = 32
+        c.run.track.lanczos_iters = 3
+        c.run.track.ascent_steps = 2
+        c.measure.measures = "accuracy,worst_case,average_case,lambda_max,interpolation"
+    return c

@@ -1,0 +1,526 @@
+"""The study: a grid of training runs, each final minimum measured, turned into a report.
+
+`run_study(study, study_dir)` trains every (model, arm, seed) of the grid in
+its own run folder through `train_and_evaluate`, measures each final
+checkpoint with `measure_run` (sharpness, λmax, trace, preconditioned λmax
+for Adam, the interpolation from each base minimum to its SAM minimum, and
+for the first seed(s) the spectral density and a 2-D surface), then writes
+
+    <study_dir>/study.json           the study config and the command that made it
+    <study_dir>/runs/<model>/<arm>/seed<k>/   each run (config.json, metrics.jsonl, checkpoints/, geometry/)
+    <study_dir>/report.md            tables (mean ± std over seeds), figures, findings
+    <study_dir>/summary.json         every run's numbers, the aggregates, the timings
+    <study_dir>/figures/*.png
+
+Rerunning resumes: finished runs are not trained again, measured ones not
+measured again, an interrupted run continues from its last checkpoint, and
+a run killed while measuring is measured again (geometry.json is written
+only when all its measures are done). `write_report(study_dir)` remakes the
+report from the saved files alone; it holds no timings and no dates, so the
+same files give the same report.md byte for byte.
+
+The question (the original PyTorch study, 2022): does SAM (Foret et al.
+2021) find flatter minima that generalize better for Adam as well as SGD?
+Measures: Foret et al. 2021, Andriushchenko et al. 2023 (worst-case,
+adaptive and average-case sharpness), Keskar et al. 2017, Ghorbani et al.
+2019 (Hessian spectrum), Cohen et al. 2022 (preconditioned sharpness of Adam).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import ml_collections
+import numpy as np
+
+from jaxsam.config import base_config, use_adam, use_sam
+
+# ---------------------------------------------------------------------------
+# Arms: what each one changes in the run's config.
+
+
+def _sgd(c):
+    return c
+
+
+def _original(c, optimizer: str):
+    # The original study: lr 1e-3 for SGD and Adam alike, label smoothing 0.1.
+    c.optimizer.name = optimizer
+    c.optimizer.learning_rate = 1e-3
+    c.train.label_smoothing = 0.1
+    return c
+
+
+def _asam(c, rho: float):
+    c.sam.name = "asam"
+    c.sam.rho = rho
+    return c
+
+
+def _variant(c, name: str):
+    c.sam.name = name
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One optimizer setting of the grid."""
+
+    label: str  # as the report prints it
+    apply: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+    base: str | None = None  # the arm without SAM it is compared with (None: it is a base)
+
+
+ARMS: dict[str, Arm] = {
+    "sgd": Arm("SGD", _sgd),
+    "sgd_sam": Arm("SGD + SAM", use_sam, base="sgd"),
+    "sgd_asam": Arm("SGD + ASAM", lambda c: _asam(c, 0.5), base="sgd"),
+    "sgd_gsam": Arm("SGD + GSAM", lambda c: _variant(c, "gsam"), base="sgd"),
+    "sgd_looksam": Arm("SGD + LookSAM", lambda c: _variant(c, "looksam"), base="sgd"),
+    "adam": Arm("Adam", use_adam),
+    "adam_sam": Arm("Adam + SAM", lambda c: use_sam(use_adam(c)), base="adam"),
+    "adam_asam": Arm("Adam + ASAM", lambda c: _asam(use_adam(c), 0.5), base="adam"),
+    "adam_gsam": Arm("Adam + GSAM", lambda c: _variant(use_adam(c), "gsam"), base="adam"),
+    "adam_looksam": Arm("Adam + LookSAM", lambda c: _variant(use_adam(c), "looksam"), base="adam"),
+    "original_sgd": Arm("SGD (original study)", lambda c: _original(c, "sgd")),
+    "original_sgd_asam": Arm("SGD + ASAM ρ=2 (original)", lambda c: _asam(_original(c, "sgd"), 2.0),
+                             base="original_sgd"),  # fmt: skip
+    "original_adam": Arm("Adam (original study)", lambda c: _original(c, "adam")),
+    "original_adam_asam": Arm("Adam + ASAM ρ=2 (original)", lambda c: _asam(_original(c, "adam"), 2.0),
+                              base="original_adam"),  # fmt: skip
+}
+MODELS = ("resnet18", "vgg16")
+MODEL_LABELS = {"resnet18": "ResNet18", "vgg16": "VGG16"}
+
+
+# ---------------------------------------------------------------------------
+# The plan: which runs, where, with which config.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    model: str
+    arm: str
+    seed: int
+    seed_index: int
+
+    @property
+    def path(self) -> str:
+        """The run folder, relative to the study folder."""
+        return os.path.join("runs", self.model, self.arm, f"seed{self.seed}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.arm} seed {self.seed}"
+
+
+def _names(value: str, known: Iterable[str], field: str) -> list[str]:
+    chosen = [n.strip() for n in value.split(",") if n.strip()]
+    known = list(known)
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise ValueError(f"study.{field} has unknown {unknown or value!r}: choose from {', '.join(known)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"study.{field} names an entry twice ({value!r}): list each once")
+    return chosen
+
+
+def check_study(study: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line, naming the fix) for a study config that cannot run."""
+    from jaxsam.geometry.measure import MEASURES
+
+    _names(study.models, MODELS, "models")
+    _names(study.arms, ARMS, "arms")
+    if int(study.seeds) < 1:
+        raise ValueError(f"study.seeds must be >= 1 (got {study.seeds})")
+    for field in ("measures", "figure_measures"):
+        value = study.measure.measures if field == "measures" else study.figure_measures
+        if value.strip():
+            _names(value, MEASURES, field)
+    if study.run.size != study.size:
+        raise ValueError(f"study.run is a {study.run.size!r} config but the study is {study.size!r}: use one size")
+
+
+def plan(study: ml_collections.ConfigDict) -> list[RunSpec]:
+    """Every run of the grid, seed by seed (all arms of seed 0 first), so a partial study is balanced."""
+    check_study(study)
+    models = _names(study.models, MODELS, "models")
+    arms = _names(study.arms, ARMS, "arms")
+    return [
+        RunSpec(model, arm, seed, index)
+        for index, seed in enumerate(range(int(study.seeds)))
+        for model in models
+        for arm in arms
+    ]
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from jaxsam.train import _flat as flat
+
+    return flat(config)
+
+
+def run_overrides(study: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of `study.run` that differ from the size's defaults: applied to every arm."""
+    defaults = _flat(base_config(study.size))
+    return {k: v for k, v in _flat(study.run).items() if defaults.get(k) != v}
+
+
+def run_config(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
+    """The training config of one run: size defaults, then the arm, then the study's overrides."""
+    c = ARMS[spec.arm].apply(base_config(study.size))
+    c.model.name = spec.model
+    c.seed = spec.seed
+    c.update_from_flattened_dict(run_overrides(study))
+    return c
+
+
+def measure_options(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
+    """The measure options of one run: the study's, plus the figure-only measures on the first seeds."""
+    from jaxsam.geometry.measure import MEASURES
+
+    options = ml_collections.ConfigDict(study.measure.to_dict())
+    if spec.seed_index < int(study.figure_seeds) and study.figure_measures.strip():
+        chosen = options.measures.split(",")
+        extra = [m for m in _names(study.figure_measures, MEASURES, "figure_measures") if m not in chosen]
+        options.measures = ",".join(chosen + extra)
+    return options
+
+
+def interpolation_partner(specs: list[RunSpec], spec: RunSpec) -> RunSpec | None:
+    """For a base arm: the first SAM arm of the plan paired with it (same model, seed), else None."""
+    if ARMS[spec.arm].base is not None:
+        return None
+    for other in specs:
+        if (other.model, other.seed) == (spec.model, spec.seed) and ARMS[other.arm].base == spec.arm:
+            return other
+    return None
+
+
+# ---------------------------------------------------------------------------
+# State of a run folder.
+
+
+def _epoch_records(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in (json.loads(line) for line in f if line.strip()) if "test_accuracy" in r]
+
+
+def is_trained(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True when the run's last epoch is logged and its final checkpoint is on disk."""
+    records = _epoch_records(workdir)
+    if not records or records[-1]["epoch"] != config.train.num_epochs or not records[-1].get("epoch_done"):
+        return False
+    step_dir = os.path.join(workdir, "checkpoints", str(records[-1]["step"]))
+    return os.path.isdir(step_dir)
+
+
+def _geometry(workdir: str) -> dict[str, Any] | None:
+    path = os.path.join(workdir, "geometry", "geometry.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_measured(workdir: str, options: ml_collections.ConfigDict, compare_to: str | None) -> bool:
+    """True when geometry.json was made with these options (and interpolation partner)."""
+    saved = _geometry(workdir)
+    return saved is not None and saved.get("options") == options.to_dict() and saved.get("compare_to") == compare_to
+
+
+# ---------------------------------------------------------------------------
+# Running the study.
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, command: str) -> None:
+    """study.json: written on the first start; a later start may change the grid, not the settings."""
+    path = os.path.join(study_dir, "study.json")
+    current = json.loads(study.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["study"] == current:
+            return
+        grid = ("models", "arms", "seeds", "figure_seeds", "figure_measures")
+        changed = sorted(k for k in set(saved["study"]) | set(current)
+                         if k not in grid and saved["study"].get(k) != current.get(k))  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "
+                f"(only the grid, models/arms/seeds/figure_*, may change between starts)"
+            )
+    _write_json(path, {"study": current, "command": command})
+
+
+def read_study(study_dir: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The study config and command saved in <study_dir>/study.json."""
+    path = os.path.join(study_dir, "study.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{study_dir} has no study.json: pass the folder made by scripts/study.py")
+    with open(path) as f:
+        saved = json.load(f)
+    return ml_collections.ConfigDict(saved["study"]), saved.get("command", "")
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"  # fmt: skip
+
+
+def _timings(study_dir: str) -> dict[str, dict[str, float]]:
+    path = os.path.join(study_dir, "timings.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_study(
+    study: ml_collections.ConfigDict,
+    study_dir: str,
+    *,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains and measures every run of the study that is not done yet, then writes the report.
+
+    Args:
+      study: a configs/study.py config.
+      study_dir: the study folder (created).
+      command: the command line recorded in study.json and the report (default: sys.argv).
+      log: where progress lines go (one per finished training or measurement).
+
+    Returns:
+      The summary written to summary.json.
+    """
+    from jaxsam.geometry.measure import measure_run
+    from jaxsam.train import train_and_evaluate
+
+    specs = plan(study)
+    os.makedirs(study_dir, exist_ok=True)
+    _check_or_write_study(study, study_dir, command or shlex.join(["python", *sys.argv]))
+    timings = _timings(study_dir)
+
+    def save_timing(spec: RunSpec, key: str, seconds: float) -> None:
+        timings.setdefault(spec.path, {})[key] = seconds
+        _write_json(os.path.join(study_dir, "timings.json"), timings)
+
+    workdirs = {spec: os.path.join(study_dir, spec.path) for spec in specs}
+    configs = {spec: run_config(study, spec) for spec in specs}
+    steps = len(specs) * 2
+    done = sum(is_trained(workdirs[s], configs[s]) for s in specs)
+    done += sum(_measured(s, specs, study, workdirs) for s in specs)
+    spent: list[float] = []  # seconds of the work done in this call, for the estimate
+    study_start = time.time()
+    log(f"study {study_dir}: {len(specs)} runs ({study.models} x {study.arms} x {study.seeds} seeds), "
+        f"{done}/{steps} steps (trainings + measurements) already done")  # fmt: skip
+
+    def report_progress(what: str, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        spent.append(seconds)
+        left = steps - done
+        eta = f", about {_minutes(left * np.mean(spent))} to go" if left else ""
+        log(f"[{done}/{steps}] {what} ({_minutes(seconds)}){eta}")
+
+    def measure_ready() -> None:
+        for spec in specs:
+            if not is_trained(workdirs[spec], configs[spec]) or _measured(spec, specs, study, workdirs):
+                continue
+            partner = interpolation_partner(specs, spec)
+            if partner is not None and not is_trained(workdirs[partner], configs[partner]):
+                continue  # measured once its SAM partner is trained (base -> SAM interpolation)
+            start = time.time()
+            results = measure_run(
+                workdirs[spec], measure_options(study, spec), progress=False, log=lambda line: None,
+                compare_to=workdirs[partner] if partner else None,
+            )  # fmt: skip
+            seconds = time.time() - start
+            save_timing(spec, "measure_seconds", seconds)
+            headline = _measure_headline(results)
+            report_progress(f"measured {spec.name}: {headline}", seconds)
+
+    measure_ready()  # anything trained before an interruption
+    for spec in specs:
+        if is_trained(workdirs[spec], configs[spec]):
+            continue
+        start = time.time()
+        record = train_and_evaluate(configs[spec], workdirs[spec])
+        seconds = time.time() - start
+        save_timing(spec, "train_seconds", timings.get(spec.path, {}).get("train_seconds", 0.0) + seconds)
+        report_progress(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
+        measure_ready()
+    summary = write_report(study_dir)
+    log(_one_line_summary(summary, time.time() - study_start))
+    return summary
+
+
+def _measured(spec: RunSpec, specs: list[RunSpec], study, workdirs) -> bool:
+    partner = interpolation_partner(specs, spec)
+    compare = workdirs[partner] if partner else None
+    return is_measured(workdirs[spec], measure_options(study, spec), compare)
+
+
+def _measure_headline(results: dict[str, Any]) -> str:
+    train = results["splits"].get("train", {})
+    parts = []
+    if "worst_case" in train:
+        parts.append(f"worst-case {train['worst_case']['value']:.4g}")
+    if "lambda_max" in train:
+        parts.append(f"λmax {train['lambda_max']['eigenvalues'][0]:.4g}")
+    return ", ".join(parts) or f"{len(train)} measures"
+
+
+# ---------------------------------------------------------------------------
+# Collecting the saved numbers.
+
+# (key in a row, label in the report, how it is read from geometry.json's train split)
+MEASURE_COLUMNS = (
+    ("worst_case", "worst-case sharpness", lambda g: g["worst_case"]["value"]),
+    ("worst_case_adaptive", "adaptive worst-case", lambda g: g["worst_case_adaptive"]["value"]),
+    ("average_case", "average-case sharpness", lambda g: g["average_case"]["value"]),
+    ("first_order", "ρ‖∇L‖ (original proxy)", lambda g: g["first_order"]["value"]),
+    ("lambda_max", "λmax", lambda g: g["lambda_max"]["eigenvalues"][0]),
+    ("trace", "Hessian trace", lambda g: g["trace"]["trace"]),
+    ("preconditioned", "preconditioned λmax (Adam)", lambda g: g["preconditioned"]["eigenvalue"]),
+)
+TRACKED = (("track_worst_case", "tracked worst-case sharpness"), ("track_lambda_max", "tracked λmax"),
+           ("track_first_order", "tracked ρ‖∇L‖"), ("track_average_case", "tracked average-case sharpness"))  # fmt: skip
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def collect(study_dir: str) -> list[dict[str, Any]]:
+    """One row per run of the saved plan that has finished training: its numbers, from its files."""
+    from jaxsam.train import read_config
+
+    study, _ = read_study(study_dir)
+    rows = []
+    for spec in plan(study):
+        workdir = os.path.join(study_dir, spec.path)
+        if not os.path.exists(os.path.join(workdir, "config.json")):
+            continue
+        config = read_config(workdir)
+        if not is_trained(workdir, config):
+            continue
+        epochs = _epoch_records(workdir)
+        row: dict[str, Any] = {
+            "model": spec.model, "arm": spec.arm, "seed": spec.seed, "seed_index": spec.seed_index, "path": spec.path,
+            "test_accuracy": epochs[-1]["test_accuracy"], "test_loss": epochs[-1]["test_loss"],
+            "epochs": {"epoch": [r["epoch"] for r in epochs],
+                       "test_accuracy": [r["test_accuracy"] for r in epochs],
+                       **{key: [r.get(key) for r in epochs] for key, _ in TRACKED if any(key in r for r in epochs)}},
+        }  # fmt: skip
+        geometry = _geometry(workdir)
+        if geometry is not None:
+            train = geometry["splits"].get("train", {})
+            if "accuracy" in train:
+                row["train_accuracy"] = train["accuracy"]["accuracy"]
+                row["train_loss"] = train["accuracy"]["loss"]
+                row["train_subset"] = train["accuracy"]["info"]["subset"]
+                row["gap"] = row["train_accuracy"] - row["test_accuracy"]
+            for key, _, read in MEASURE_COLUMNS:
+                if key in train:
+                    row[key] = _number(read(train))
+            for key in ("interpolation", "density", "surface_2d"):
+                if key in train:
+                    row[key] = train[key]
+            row["measure_subset"] = next((r["info"]["subset"] for k, r in train.items()
+                                          if isinstance(r, dict) and k != "accuracy" and "info" in r), None)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
+    return float(np.mean(finite)), std, len(finite)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model: {arm: {column: {"mean", "std", "n"}}}} over seeds."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    columns = ["test_accuracy", "train_accuracy", "gap"] + [key for key, _, _ in MEASURE_COLUMNS]
+    for row in rows:
+        out.setdefault(row["model"], {}).setdefault(row["arm"], {})
+    for model, arms in out.items():
+        for arm in arms:
+            mine = [r for r in rows if (r["model"], r["arm"]) == (model, arm)]
+            for column in columns:
+                values = [r[column] for r in mine if column in r]
+                if values:
+                    mean, std, n = _mean_std(values)
+                    arms[arm][column] = {"mean": mean, "std": std, "n": n}
+    return out
+
+
+def _one_line_summary(summary: dict[str, Any], seconds: float) -> str:
+    parts = []
+    for model, arms in summary["aggregate"].items():
+        for arm, cols in arms.items():
+            if "test_accuracy" in cols:
+                parts.append(f"{model} {arm} {100 * cols['test_accuracy']['mean']:.1f}%")
+    return (f"study done: {summary['runs_done']}/{summary['runs_planned']} runs in {_minutes(seconds)}; "
+            f"test accuracy {', '.join(parts)}; report {summary['report']}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def write_report(study_dir: str) -> dict[str, Any]:
+    """Writes report.md, summary.json and figures/ from the study's saved files; returns the summary."""
+    from jaxsam import report
+
+    study, command = read_study(study_dir)
+    rows = collect(study_dir)
+    planned = plan(study)
+    summary = {
+        "study": study.to_dict(),
+        "command": command,
+        "runs_planned": len(planned),
+        "runs_done": len(rows),
+        "runs": [{k: v for k, v in r.items() if k not in ("interpolation", "density", "surface_2d")} for r in rows],
+        "aggregate": aggregate(rows),
+        "timings": _timings(study_dir),
+        "report": os.path.join(study_dir, "report.md"),
+    }
+    summary["kendall_tau"] = report.kendall_taus(rows)
+    figures = report.figures(study, rows, os.path.join(study_dir, "figures"))
+    text = report.markdown(study, command, rows, summary, figures, planned)
+    with open(os.path.join(study_dir, "report.md.tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(study_dir, "report.md.tmp"), os.path.join(study_dir, "report.md"))
+    _write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary))
+    return summary
+
+
+def _json_safe(value: Any) -> Any:
+    from jaxsam.geometry.records import to_json
+
+    return to_json(value)

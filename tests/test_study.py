@@ -1,0 +1,201 @@
+"""The study: the grid's configs, a whole (tiny) study end to end, kill and resume, the report remade byte for byte."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxsam import study as study_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A smoke study shrunk to what the tests need: 2 epochs of 4 steps per arm, a few cheap measures.
+TINY = {
+    "run.data.synthetic_train": 128,
+    "run.data.synthetic_test": 64,
+    "run.train.eval_batch_size": 64,
+    "run.track.measures": "worst_case",
+    "measure.measures": "accuracy,worst_case,lambda_max,interpolation",
+    "measure.n_examples": 32,
+    "measure.lanczos_iters": 3,
+    "measure.ascent_steps": 2,
+    "measure.interpolation_points": 3,
+    "figure_measures": "surface_2d",
+    "measure.surface_points": 3,
+}
+
+
+def study_config(size=None, **overrides):
+    spec = importlib.util.spec_from_file_location("study_config", os.path.join(ROOT, "configs", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(size)
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def _flags(overrides):
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def test_the_default_grid_is_models_by_optimizers_by_sam_by_seeds():
+    study = study_config()
+    specs = study_lib.plan(study)
+    assert len(specs) == 2 * 4 * 3
+    # Seed by seed, so a partial study has every arm of the first seeds.
+    assert [(s.model, s.arm, s.seed) for s in specs[:8]] == [
+        (m, a, 0) for m in ("resnet18", "vgg16") for a in ("sgd", "sgd_sam", "adam", "adam_sam")
+    ]
+    assert specs[9].path == os.path.join("runs", "resnet18", "sgd_sam", "seed1")
+    cpu = study_config("cpu")
+    assert len(study_lib.plan(cpu)) == 16 and study_config("smoke").seeds == 1
+
+
+def test_each_arm_gets_its_optimizer_and_the_study_overrides_apply_to_all():
+    study = study_config("cpu", **{"run.train.num_epochs": 5, "arms": "sgd,adam_sam,original_adam_asam"})
+    configs = {s.arm: study_lib.run_config(study, s) for s in study_lib.plan(study) if s.seed == 1}
+    assert configs["sgd"].optimizer.name == "sgd" and configs["sgd"].sam.name == "none"
+    assert configs["adam_sam"].optimizer.name == "adam" and configs["adam_sam"].sam.name == "sam"
+    assert configs["adam_sam"].optimizer.learning_rate == 3e-3  # the cpu size's Adam rate is not clobbered
+    original = configs["original_adam_asam"]
+    assert (original.sam.name, original.sam.rho, original.optimizer.learning_rate, original.train.label_smoothing) == (
+        "asam", 2.0, 1e-3, 0.1)
+    for c in configs.values():
+        assert c.train.num_epochs == 5 and c.seed == 1 and c.track.every_epochs == 1 and c.model.width == 0.125
+
+
+def test_figure_measures_run_on_the_first_seed_only_and_bases_interpolate_to_their_sam_arm():
+    study = study_config("cpu")
+    specs = study_lib.plan(study)
+    first, second = specs[0], specs[8]
+    assert "surface_2d" in study_lib.measure_options(study, first).measures.split(",")
+    assert "surface_2d" not in study_lib.measure_options(study, second).measures.split(",")
+    partner = study_lib.interpolation_partner(specs, first)
+    assert (partner.arm, partner.seed, partner.model) == ("sgd_sam", 0, "resnet18")
+    assert study_lib.interpolation_partner(specs, partner) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"arms": "sgd,lion"}, "study.arms has unknown ['lion']: choose from"),
+        ({"models": "resnet50"}, "study.models has unknown ['resnet50']"),
+        ({"seeds": 0}, "study.seeds must be >= 1"),
+        ({"arms": "sgd,sgd"}, "study.arms names an entry twice"),
+        ({"figure_measures": "hessian"}, "study.figure_measures has unknown ['hessian']"),
+    ],
+)
+def test_bad_study_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        study_lib.plan(study_config("smoke", **overrides))
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """The tiny smoke study (resnet18 sgd vs sgd_sam, one seed), run once in this process."""
+    folder = str(tmp_path_factory.mktemp("study"))
+    lines = []
+    summary = study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)",
+                                  log=lines.append)  # fmt: skip
+    return folder, summary, lines
+
+
+def test_study_trains_measures_and_reports_every_arm(finished_study):
+    folder, summary, lines = finished_study
+    assert lines[0].endswith("0/4 steps (trainings + measurements) already done")
+    assert [line.split("]")[0] for line in lines[1:5]] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert lines[-1].startswith("study done: 2/2 runs")
+    assert summary["runs_done"] == summary["runs_planned"] == 2
+    runs = {r["arm"]: r for r in summary["runs"]}
+    for arm in ("sgd", "sgd_sam"):
+        workdir = os.path.join(folder, "runs", "resnet18", arm, "seed0")
+        with open(os.path.join(workdir, "geometry", "geometry.json")) as f:
+            geometry = json.load(f)["splits"]["train"]
+        metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        epochs = [r for r in metrics if "test_accuracy" in r]
+        # The summary's numbers are the saved ones.
+        assert runs[arm]["test_accuracy"] == epochs[-1]["test_accuracy"]
+        assert runs[arm]["worst_case"] == geometry["worst_case"]["value"] > 0
+        assert runs[arm]["lambda_max"] == geometry["lambda_max"]["eigenvalues"][0] > 0
+        assert runs[arm]["train_accuracy"] == geometry["accuracy"]["accuracy"]
+        assert runs[arm]["gap"] == pytest.approx(runs[arm]["train_accuracy"] - runs[arm]["test_accuracy"])
+        assert [r["epoch"] for r in epochs] == [1, 2] and all(r["track_worst_case"] >= 0 for r in epochs)
+        assert summary["aggregate"]["resnet18"][arm]["test_accuracy"]["n"] == 1
+    # The base run interpolates to its SAM partner; figures exist and are linked from the report.
+    base_geometry = json.load(open(os.path.join(folder, "runs", "resnet18", "sgd", "seed0", "geometry", "geometry.json")))
+    assert base_geometry["compare_to"].endswith(os.path.join("sgd_sam", "seed0"))
+    interpolation = base_geometry["splits"]["train"]["interpolation"]
+    curves = [k for k, v in interpolation.items() if isinstance(v, dict) and not k.startswith("init")]
+    assert curves == ["resnet18 sgd -> resnet18 sgd + sam"]
+    report = open(os.path.join(folder, "report.md")).read()
+    for name in ("test_accuracy", "tracked_worst_case", "interpolation", "surface_resnet18"):
+        assert os.path.getsize(os.path.join(folder, "figures", f"{name}.png")) > 10_000
+        assert f"![{name}](figures/{name}.png)" in report
+    sgd, sam = runs["sgd"], runs["sgd_sam"]
+    row = next(line for line in report.splitlines() if line.startswith("| SGD + SAM |"))
+    assert row.startswith(f"| SGD + SAM | 1 | {100 * sam['test_accuracy']:.2f} | {100 * sam['train_accuracy']:.2f} |")
+    assert f"{sam['worst_case']:.3g}" in row and f"{sam['lambda_max']:.3g}" in row
+    delta = 100 * (sam["test_accuracy"] - sgd["test_accuracy"])
+    assert f"({delta:+.2f} pp; higher with SAM in {int(delta > 0)} of 1 seeds" in report
+
+
+def test_rerun_does_nothing_and_report_only_is_byte_identical(finished_study):
+    folder, _, _ = finished_study
+    with open(os.path.join(folder, "report.md"), "rb") as f:
+        before = f.read()
+    metrics = os.path.join(folder, "runs", "resnet18", "sgd", "seed0", "metrics.jsonl")
+    stamp = os.stat(metrics).st_mtime_ns
+    lines = []
+    study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)",
+                        log=lines.append)  # fmt: skip
+    assert lines[0].endswith("4/4 steps (trainings + measurements) already done") and len(lines) == 2
+    assert os.stat(metrics).st_mtime_ns == stamp
+    os.remove(os.path.join(folder, "report.md"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--report_only",
+                          "--workdir", folder], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(os.path.join(folder, "report.md"), "rb") as f:
+        assert f.read() == before
+
+
+def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished_study, tmp_path):
+    reference_folder, _, _ = finished_study
+    folder = str(tmp_path / "killed")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "study.py"),
+               f"--config={os.path.join(ROOT, 'configs', 'study.py')}:smoke", "--workdir", folder, *_flags(TINY)]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = os.path.join(folder, "runs", "resnet18", "sgd_sam", "seed0", "config.json")
+    deadline = time.time() + 600
+    while not os.path.exists(second) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read()[-2000:]
+    process.send_signal(signal.SIGKILL)  # the first arm is trained, the second has just started
+    process.wait()
+    first_metrics = os.path.join(folder, "runs", "resnet18", "sgd", "seed0", "metrics.jsonl")
+    stamp = os.stat(first_metrics).st_mtime_ns
+    assert not os.path.exists(os.path.join(folder, "report.md"))
+
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].endswith("1/4 steps (trainings + measurements) already done"), lines
+    assert not any("trained resnet18 sgd seed 0" in line for line in lines)
+    assert os.stat(first_metrics).st_mtime_ns == stamp  # not trained again
+    # The same report as the uninterrupted study, but for the command line it names.
+    def body(path):
+        return open(os.path.join(path, "report.md")).read().split("\n", 3)[3]
+
+    assert body(folder) == body(reference_folder)
+    reference = json.load(open(os.path.join(reference_folder, "summary.json")))["runs"]
+    resumed = json.load(open(os.path.join(folder, "summary.json")))["runs"]
+    for a, b in zip(reference, resumed):
+        np.testing.assert_equal({k: v for k, v in a.items()}, {k: v for k, v in b.items()})
