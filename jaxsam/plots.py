@@ -20,7 +20,7 @@ import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib import colors, ticker
+from matplotlib import cm, colors, ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -218,13 +218,19 @@ def _draw_surface(fig: Figure, ax: Any, result: Any, *, title: str = "", xlabel:
                   levels: tuple[np.ndarray, Any] | None = None) -> None:  # fmt: skip
     """plot_surface's drawing on one axes; `levels` = (levels, norm) shared between panels."""
     x, y, loss = _surface_arrays(result)
-    levels, norm = levels if levels is not None else _levels(loss)
+    shared = levels is not None
+    # A new norm per panel (not a copy, which would share its callbacks): a colour
+    # bar resets its ticks whenever its norm, or one sharing callbacks, changes.
+    levels, norm = (levels[0], type(levels[1])(vmin=levels[1].vmin, vmax=levels[1].vmax)) if shared else _levels(loss)
     masked = np.ma.masked_invalid(loss)
     filled = ax.contourf(x, y, masked, levels=levels, norm=norm, cmap="viridis", extend="neither")
     line_levels = levels[::2]
     lines = ax.contour(x, y, masked, levels=line_levels, norm=norm, colors="white", linewidths=0.6, alpha=0.8)
     ax.clabel(lines, lines.levels[::2], inline=True, fontsize=7, fmt="%.3g")
-    bar = fig.colorbar(filled, ax=ax)
+    # Panels that share levels get the whole shared range on every colour bar, even
+    # where their own losses cover only part of it.
+    mappable = cm.ScalarMappable(norm=norm, cmap=filled.cmap) if shared else filled
+    bar = fig.colorbar(mappable, ax=ax)
     bar.set_label("loss", fontsize=FONT["label"])
     bar.ax.tick_params(labelsize=FONT["tick"])
     if isinstance(norm, colors.LogNorm):

@@ -298,13 +298,16 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
     for arm in [a.strip() for a in study.arms.split(",") if a.strip()]:
         ac = lib.run_config(study, lib.RunSpec(spec.model, arm, 0, 0))
         o, s = ac.optimizer, ac.sam
-        text = f"{o.name} lr {o.learning_rate:g}" + (f", momentum {o.momentum:g}" if o.name == "sgd" else "")
+        names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+        text = f"{names.get(o.name, o.name)} lr {o.learning_rate:g}" + (
+            f", momentum {o.momentum:g}" if o.name == "sgd" else f", β = ({o.b1:g}, {o.b2:g})")
         if s.name != "none":
             text += f", {s.name.upper() if s.name != 'looksam' else 'LookSAM'} ρ {s.rho:g}"
         if ac.train.label_smoothing:
             text += f", label smoothing {ac.train.label_smoothing:g}"
         lines.append(f"  - {_label(arm)} (`{arm}`): {text}")
     m = study.measure
+    first_seeds = "first seed only" if int(study.figure_seeds) == 1 else f"first {study.figure_seeds} seeds"
     chosen = set(m.measures.split(",")) | set(study.figure_measures.split(","))
     subset = next((r.get("measure_subset") for r in rows if r.get("measure_subset")), None)
     train_subset = next((r.get("train_subset") for r in rows if r.get("train_subset")), None)
@@ -320,22 +323,26 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
         "preconditioned": "for Adam arms, λmax of the Hessian preconditioned by Adam's second-moment estimate "
                           "(Cohen et al. 2022)",
         "interpolation": f"the loss along the line from each base minimum to its SAM minimum ({m.interpolation_points} points)",
-        "density": f"the Hessian spectral density (stochastic Lanczos quadrature, {m.density_order} steps; first "
-                   f"{study.figure_seeds} seed(s))",
+        "density": f"the Hessian spectral density (stochastic Lanczos quadrature, {m.density_order} steps; "
+                   f"{first_seeds})",
         "surface_2d": f"a 2-D loss surface along two random filter-normalized directions ({m.surface_points}² points; "
-                      f"first {study.figure_seeds} seed(s))",
+                      f"{first_seeds})",
     }  # fmt: skip
     parts = [text for key, text in described.items() if key in chosen]
     lines += [
         f"- **Measured on each final checkpoint:** the training loss on `{subset or 'train[:' + str(m.n_examples) + ']'}` "
         "(no augmentation, BatchNorm running statistics, plain cross-entropy): " + "; ".join(parts) + ".",
-        f"- **Train accuracy and the gap:** accuracy on `{train_subset or 'train'}` with the final network in eval "
+        f"- **Train accuracy and the gap:** accuracy on "
+        f"`{train_subset or 'train[:' + str(m.accuracy_examples or 'all') + ']'}` with the final network in eval "
         "mode; gap = train accuracy − test accuracy, in percentage points (pp).",
     ]
     if c.track.every_epochs:
+        tracked = {"lambda_max": "λmax", "worst_case": "worst-case sharpness", "average_case": "average-case sharpness",
+                   "first_order": "ρ‖∇L‖"}  # fmt: skip
+        every = "after every epoch" if c.track.every_epochs == 1 else f"every {c.track.every_epochs} epochs"
         lines.append(
-            f"- **Tracked during training** (every {c.track.every_epochs} epoch(s), the first {c.track.n_examples} "
-            f"training images): {c.track.measures.replace(',', ', ')} with {c.track.lanczos_iters} Lanczos steps "
+            f"- **Tracked during training** ({every}, on the first {c.track.n_examples} "
+            f"training images): {', '.join(tracked[k] for k in c.track.measures.split(','))} with {c.track.lanczos_iters} Lanczos steps "
             f"and {c.track.ascent_steps} ascent steps (cheaper, so lower, than the final measures)."
         )
     return lines

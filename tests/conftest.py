@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 
-# One persistent XLA compilation cache for the session and the subprocesses it
-# starts (they inherit the variable): many tests compile the same small networks,
-# and a study compiles the same programs for every arm. Set before JAX is imported.
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsam-tests-xla-")
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# One persistent XLA compilation cache for the tests and the subprocesses they
+# start (which inherit the variables), kept in .pytest_cache/ between sessions.
+# XLA:CPU compiles a ResNet's initializers in over ten seconds, and a study
+# compiles the same programs for every arm: with the cache they compile once.
+# Set before JAX is imported, which reads them at import.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -60,13 +61,3 @@ def mlp_problem():
     params = mlp_init(k_params)
     batch = (jax.random.normal(k_x, (16, 5)), jax.random.randint(k_y, (16,), 0, 3))
     return params, batch, mlp_loss
-
-
-def pytest_configure(config):
-    # XLA:CPU compiles a ResNet's initializers in over ten seconds; a persistent
-    # cache lets tests (and reruns) that build the same computation share it.
-    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
-    cache_dir = cache.mkdir("jax_compilation_cache") if cache is not None else None
-    if cache_dir is not None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -26,17 +26,16 @@ def run_train(*args, env=None, timeout=900):
 
 
 @pytest.mark.slow
-def test_train_script_on_real_cifar10(tmp_path, request):
+def test_train_script_on_real_cifar10(tmp_path):
     """One short epoch of ResNet18 (width 1/16) + Adam + SAM on real CIFAR-10 through the CLI."""
     if not CIFAR10.exists():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR10}")
-    cache = request.config.cache.mkdir("jax_compilation_cache") if getattr(request.config, "cache", None) else None
     workdir = tmp_path / "run"
     out = run_train(
         "--config", "configs/adam_sam.py:cpu", "--workdir", str(workdir),
         "--config.model.width=0.0625", "--config.data.n_train=512", "--config.data.n_test=1000",
         "--config.train.num_epochs=1", "--config.train.progress=false",
-        env={"JAXSAM_CIFAR10": str(CIFAR10), **({"JAX_COMPILATION_CACHE_DIR": str(cache)} if cache else {})},
+        env={"JAXSAM_CIFAR10": str(CIFAR10)},  # the compilation cache comes from conftest's environment
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = out.stdout.strip().splitlines()[-1]
