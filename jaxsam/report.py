@@ -406,8 +406,8 @@ def markdown(study, command: str, rows, summary, figures: dict[str, str], planne
                     continue
                 lines, directions = _pair_findings(rows, agg, model, base, sam)
                 out += [f"**{_model_label(model)}, {_label(base)} vs {_label(sam)}.** " + " ".join(lines), ""]
-                answers.setdefault(lib.ARMS[base].label, []).append(
-                    agg[model][sam]["test_accuracy"]["mean"] - agg[model][base]["test_accuracy"]["mean"])
+                answers.setdefault(f"{_label(base)} → {_label(sam)}", []).append(
+                    (agg[model][sam]["test_accuracy"]["mean"] - agg[model][base]["test_accuracy"]["mean"], directions))
                 lower = [k for k, d in directions.items() if d == "lower"]
                 higher = [k for k, d in directions.items() if d == "higher"]
                 if lower and higher:
@@ -416,9 +416,17 @@ def markdown(study, command: str, rows, summary, figures: dict[str, str], planne
                         f"higher {', '.join(_measure_label(k) for k in higher)}"
                     )
     if answers:
-        out += ["**Does SAM help Adam as well as SGD?** Mean change of test accuracy with SAM, over networks: "
-                + "; ".join(f"{name}: {100 * np.mean(v):+.2f} pp ({len(v)} network(s))" for name, v in answers.items())
-                + ".", ""]  # fmt: skip
+        parts = []
+        for name, results in answers.items():
+            deltas = [d for d, _ in results]
+            text = (f"{name}: test accuracy {100 * np.mean(deltas):+.2f} pp on average over {len(results)} "
+                    f"network(s), higher on {sum(d > 0 for d in deltas)}")  # fmt: skip
+            for key in ("worst_case", "average_case", "lambda_max"):
+                moved = [dirs[key] for _, dirs in results if key in dirs]
+                if moved:
+                    text += f"; {_measure_label(key)} lower on {moved.count('lower')} of {len(moved)}"
+            parts.append(text)
+        out += ["**Does SAM help Adam as well as SGD?** " + ". ".join(parts) + ".", ""]
     if disagreements:
         out += ["**Where the measures disagree** (SAM moved them in opposite directions): "
                 + "; ".join(disagreements) + ".", ""]  # fmt: skip

@@ -199,3 +199,27 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     resumed = json.load(open(os.path.join(folder, "summary.json")))["runs"]
     for a, b in zip(reference, resumed):
         np.testing.assert_equal({k: v for k, v in a.items()}, {k: v for k, v in b.items()})
+
+
+def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path):
+    folder = tmp_path / "study"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"),
+                          f"--config={os.path.join(ROOT, 'configs', 'study.py')}:smoke", "--workdir", str(folder),
+                          "--config.arms=sgd,lion"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: study.arms has unknown ['lion']: choose from " + ", ".join(study_lib.ARMS)
+    ]
+    assert not folder.exists()
+
+
+def test_a_study_folder_refuses_other_settings_but_lets_the_grid_grow(tmp_path):
+    folder = str(tmp_path)
+    study_lib._check_or_write_study(study_config("smoke"), folder, "first")
+    saved = open(os.path.join(folder, "study.json")).read()
+    with pytest.raises(ValueError, match=r"holds a study with other measure settings: use a new --workdir"):
+        study_lib._check_or_write_study(study_config("smoke", **{"measure.rho": 0.1}), folder, "second")
+    assert open(os.path.join(folder, "study.json")).read() == saved  # nothing overwritten
+    study_lib._check_or_write_study(study_config("smoke", seeds=3, arms="sgd,sgd_sam,adam"), folder, "third")
+    grown, command = study_lib.read_study(folder)
+    assert (grown.seeds, grown.arms, command) == (3, "sgd,sgd_sam,adam", "third")

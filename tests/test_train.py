@@ -265,3 +265,19 @@ def test_bfloat16_trains_and_later_epochs_compile_nothing(tmp_path, monkeypatch)
     assert events[first_epoch_end:].count(lowering) == 0, [e for e in events[first_epoch_end:] if e != "log"]
     epochs = [r for r in _records(str(tmp_path)) if "test_accuracy" in r]
     assert len(epochs) == 3 and epochs[-1]["train_loss"] < 0.9 * epochs[0]["train_loss"]
+
+
+def test_compilation_cache_folder_env_wins_and_empty_turns_it_off(tmp_path, monkeypatch):
+    from jaxsam import parallel
+
+    previous = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
+    assert parallel.use_compilation_cache(str(tmp_path / "mine")) == "/somewhere/else"
+    assert not (tmp_path / "mine").exists()
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert parallel.use_compilation_cache("") is None
+    try:
+        assert parallel.use_compilation_cache(str(tmp_path / "mine")) == str(tmp_path / "mine")
+        assert (tmp_path / "mine").is_dir() and jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
