@@ -89,6 +89,10 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size = 128
     c.train.eval_batch_size = 500
     c.train.label_smoothing = 0.0
+    # A step whose loss, gradient or update is NaN/Inf: "stop" ends the run with a
+    # message naming the step (the last good checkpoint is kept); "skip" leaves the
+    # parameters and optimizer state as they were and counts the step (train_skipped_steps).
+    c.train.nan_policy = "stop"
     c.train.log_every_steps = 50
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 3

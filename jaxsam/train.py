@@ -34,9 +34,13 @@ from jaxsam.config import base_config
 from jaxsam.models import get_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+NAN_POLICIES = ("skip", "stop")
 SAM_VARIANTS = ("asam", "gsam", "looksam", "none", "sam")
 # Fields that may differ when a run is resumed (they change no number it computes).
-_RESUMABLE_FIELDS = ("train.progress", "train.log_every_steps", "train.max_steps")
+_RESUMABLE_FIELDS = ("train.progress", "train.log_every_steps", "train.max_steps", "train.nan_policy")
+
+
+NO_STEP = 2**31 - 1  # "no non-finite step" in the sums' first_nonfinite
 
 
 @flax.struct.dataclass
@@ -156,6 +160,7 @@ def per_device_train_step(
     per_device_sam: bool = True,
     crop_padding: int = data.PAD,
     sam_step: Optional[bool] = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """The train step as one device sees it: `(state, images_uint8, labels) -> (state, sums)`.
 
@@ -166,8 +171,12 @@ def per_device_train_step(
     clean gradient (BatchNorm in training mode, its new statistics kept), and
     lets the optimizer chain — SAM first — take the perturbed gradient through
     `grad_fn`; gradients and statistics are averaged over devices. `sums`
-    holds device-summed loss, correct and count, and the mean per-device
-    minibatch gradient norm.
+    holds device-summed loss, correct and count, the mean per-device
+    minibatch gradient norm, and `nonfinite` (1 when the loss, a device's
+    gradient or the update is NaN/Inf) with `first_nonfinite` (that step's
+    number, 1-based, else a large sentinel). With `skip_nonfinite` such a step
+    leaves parameters, statistics and optimizer state unchanged (the step count
+    still advances, as the batch was used) and adds nothing to the sums.
     """
     axis = parallel.DATA_AXIS
 
@@ -199,11 +208,20 @@ def per_device_train_step(
             batch_stats=jax.lax.pmean(batch_stats, axis),
             opt_state=opt_state,
         )
+        grad_norm = optax.tree.norm(grads)
+        # Finite on every device: a NaN anywhere makes the psum NaN, so all devices agree.
+        finite = jnp.isfinite(jax.lax.psum(loss + grad_norm, axis) + optax.tree.norm(updates))
+        kept = finite if skip_nonfinite else jnp.array(True)
+        if skip_nonfinite:
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                     state.replace(step=state.step + 1))  # fmt: skip
         sums = {
-            "loss": jax.lax.psum(loss * n, axis),
-            "correct": jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == labels), axis),
-            "count": jax.lax.psum(n, axis),
-            "grad_norm": jax.lax.pmean(optax.tree.norm(grads), axis),
+            "loss": jax.lax.psum(jnp.where(kept, loss * n, 0.0), axis),
+            "correct": jax.lax.psum(jnp.where(kept, jnp.sum(jnp.argmax(logits, -1) == labels), 0), axis),
+            "count": jax.lax.psum(jnp.where(kept, n, 0), axis),
+            "grad_norm": jax.lax.pmean(jnp.where(kept, grad_norm, 0.0), axis),
+            "nonfinite": (~finite).astype(jnp.int32),
+            "first_nonfinite": jnp.where(finite, NO_STEP, state.step + 1),
         }
         return new_state, sums
 
@@ -219,6 +237,7 @@ def make_train_step(
     per_device_sam: bool = True,
     crop_padding: int = data.PAD,
     sam_step: Optional[bool] = None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """Jitted `(state, images_uint8, labels) -> (state, sums)` over every device of `mesh`.
 
@@ -228,7 +247,7 @@ def make_train_step(
     axis = parallel.DATA_AXIS
     step = per_device_train_step(
         model, tx, label_smoothing=label_smoothing, per_device_sam=per_device_sam, crop_padding=crop_padding,
-        sam_step=sam_step,
+        sam_step=sam_step, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     mapped = parallel.per_device(step, mesh, in_specs=(P(), P(axis), P(axis)), out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,))
@@ -401,15 +420,45 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _accumulate(total, sums):
+    """Running sums of the step's `sums` (the first non-finite step is a minimum, not a sum)."""
+    if total is None:
+        return sums
+    added = jax.tree.map(jnp.add, total, sums)
+    added["first_nonfinite"] = jnp.minimum(total["first_nonfinite"], sums["first_nonfinite"])
+    return added
+
+
 def _sum_metrics(sums) -> dict[str, float]:
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
+    skipped = int(sums["nonfinite"])
     return {
         "loss": float(sums["loss"]) / count,
         "accuracy": float(sums["correct"]) / count,
-        "grad_norm": float(sums["grad_norm"]) / float(sums["steps"]),
+        "grad_norm": float(sums["grad_norm"]) / max(float(sums["steps"]) - skipped, 1.0),
         "steps": int(sums["steps"]),
+        "skipped_steps": skipped,
+        "first_nonfinite": int(sums["first_nonfinite"]),
     }
+
+
+class TrainingDiverged(ValueError):
+    """A step's loss, gradient or update was NaN/Inf under train.nan_policy="stop"."""
+
+
+def _diverged(config, metrics: dict[str, Any], checkpoints: Checkpoints, workdir: str) -> TrainingDiverged:
+    """The error to raise; finishes any checkpoint still being written first, so it is kept whole."""
+    checkpoints.wait()
+    kept = checkpoints.latest_step()
+    checkpoints.close()
+    saved = f"the last good checkpoint (step {kept}) is kept" if kept is not None else "no checkpoint was written yet"
+    sam = f" or sam.rho (now {config.sam.rho:g})" if config.sam.name != "none" else ""
+    return TrainingDiverged(
+        f"training diverged at step {metrics['first_nonfinite']}: the loss or gradient became NaN/Inf; lower "
+        f"optimizer.learning_rate (now {config.optimizer.learning_rate:g}){sam}, or set "
+        f"--config.train.nan_policy=skip to skip such steps; {saved} in {workdir}"
+    )
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -447,6 +496,8 @@ def train_and_evaluate(
             f"train.batch_size={config.train.batch_size} exceeds the {len(dataset.train)} training examples: "
             f"lower it or raise data.n_train"
         )
+    if config.train.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"unknown train.nan_policy {config.train.nan_policy!r}: use stop or skip")
     model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype,
                       conv=config.model.conv)
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
@@ -467,7 +518,9 @@ def train_and_evaluate(
         label_smoothing=config.train.label_smoothing,
         per_device_sam=config.sam.per_device,
         crop_padding=config.data.crop_padding,
+        skip_nonfinite=config.train.nan_policy == "skip",
     )
+    stop_on_nonfinite = config.train.nan_policy == "stop"
     if config.sam.name == "looksam" and config.sam.k > 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs gradients inside lax.cond ~10x slower (docs/DESIGN.md): compile
         # LookSAM's SAM step and its reuse step separately and pick one per step here.
@@ -513,12 +566,18 @@ def train_and_evaluate(
         for images, labels in itertools.islice(batches, max(0, stop_step - step)):
             state, sums = train_step(state, *parallel.put_batch((images, labels), mesh))
             sums = dict(sums, steps=1)
-            epoch_sums = sums if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, sums)
-            window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+            epoch_sums = _accumulate(epoch_sums, sums)
+            window = _accumulate(window, sums)
             step += 1
             bar.update(1)
             if step % config.train.log_every_steps == 0:
                 m = _sum_metrics(window)  # the one host sync of the window
+                if stop_on_nonfinite and m["skipped_steps"]:
+                    bar.close()
+                    raise _diverged(config, m, checkpoints, workdir)
+                del m["first_nonfinite"]
+                if stop_on_nonfinite:
+                    del m["skipped_steps"]
                 images_per_sec = m.pop("steps") * batch_size / (time.time() - window_start)
                 window, window_start = None, time.time()
                 log.write({"step": step, "epoch": epoch + 1, **{f"train_{k}": v for k, v in m.items()},
@@ -530,6 +589,12 @@ def train_and_evaluate(
         record = {"step": step, "epoch": epoch + 1, "epoch_done": finished, "lr": float(lr_schedule(max(step - 1, 0)))}
         if epoch_sums is not None:
             m = _sum_metrics(epoch_sums)
+            if stop_on_nonfinite and m["skipped_steps"]:  # before evaluating or saving the broken state
+                bar.close()
+                raise _diverged(config, m, checkpoints, workdir)
+            del m["first_nonfinite"]
+            if stop_on_nonfinite:
+                del m["skipped_steps"]
             record.update({f"train_{k}": v for k, v in m.items() if k != "steps"})
             record["train_images_per_sec"] = m["steps"] * batch_size / train_time
         test = evaluate(eval_step, state, dataset.test, config.train.eval_batch_size, mesh)

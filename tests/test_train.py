@@ -147,6 +147,7 @@ def test_allow_config_change_keeps_the_old_config(sam_run, tmp_path):
         ({"sam.rho": -0.1, "sam.name": "sam"}, "rho must be a finite number >= 0"),
         ({"model.name": "resnet50"}, "unknown model 'resnet50'"),
         ({"train.batch_size": 1024}, "exceeds the 128 training examples"),
+        ({"train.nan_policy": "ignore"}, "unknown train.nan_policy 'ignore': use stop or skip"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, overrides, message):
@@ -281,3 +282,59 @@ def test_compilation_cache_folder_env_wins_and_empty_turns_it_off(tmp_path, monk
         assert (tmp_path / "mine").is_dir() and jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def _inject_nan_at(monkeypatch, bad_step, steps_per_epoch=4):
+    """Makes training step `bad_step` (1-based) have a NaN loss: its batch gets all-zero labels, and the
+    training loss is NaN for a batch whose labels are all zero (a random batch of 32 never is)."""
+    import jaxsam.train as train_lib
+    from jaxsam import data
+
+    original_batches, original_ce = data.train_batches, train_lib.cross_entropy
+
+    def batches(split, batch_size, *, seed, epoch, start_step=0):
+        for i, (images, labels) in enumerate(original_batches(split, batch_size, seed=seed, epoch=epoch,
+                                                              start_step=start_step), start=start_step):  # fmt: skip
+            if epoch * steps_per_epoch + i + 1 == bad_step:
+                labels = np.zeros_like(labels)
+            yield images, labels
+
+    def cross_entropy(logits, labels, label_smoothing=0.0):
+        loss = original_ce(logits, labels, label_smoothing)
+        return jax.numpy.where(jax.numpy.all(labels == 0), jax.numpy.nan, loss)
+
+    monkeypatch.setattr(data, "train_batches", batches)
+    monkeypatch.setattr(train_lib, "cross_entropy", cross_entropy)
+
+
+def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from jaxsam.train import TrainingDiverged
+
+    _inject_nan_at(monkeypatch, bad_step=6)  # epoch 2's second step; epoch 1 was saved at step 4
+    workdir = str(tmp_path / "run")
+    config = tiny_config(**{"sam.name": "sam"})
+    with pytest.raises(TrainingDiverged) as err:
+        train_and_evaluate(config, workdir)
+    message = str(err.value)
+    assert message == (
+        "training diverged at step 6: the loss or gradient became NaN/Inf; lower optimizer.learning_rate (now 0.05) "
+        f"or sam.rho (now 0.05), or set --config.train.nan_policy=skip to skip such steps; the last good checkpoint "
+        f"(step 4) is kept in {workdir}"
+    )
+    step, params = _final_params(workdir, config)
+    assert step == 4 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+    assert [r["epoch"] for r in _records(workdir) if "test_accuracy" in r] == [1]
+
+
+def test_nan_policy_skip_leaves_the_state_and_counts_the_step(tmp_path, monkeypatch):
+    _inject_nan_at(monkeypatch, bad_step=3)
+    workdir = str(tmp_path / "run")
+    config = tiny_config(**{"train.nan_policy": "skip", "train.log_every_steps": 1})
+    record = train_and_evaluate(config, workdir)
+    epochs = [r for r in _records(workdir) if "test_accuracy" in r]
+    assert [r["train_skipped_steps"] for r in epochs] == [1, 0]
+    logged = {r["step"]: r["train_skipped_steps"] for r in _records(workdir) if "test_accuracy" not in r}
+    assert logged == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 0, 7: 0, 8: 0}
+    assert record["step"] == 8 and np.isfinite(record["train_loss"])
+    # The loss and accuracy of epoch 1 average its 3 good steps only.
+    assert np.isfinite(epochs[0]["train_loss"]) and np.isfinite(epochs[0]["train_grad_norm"])
