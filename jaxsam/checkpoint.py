@@ -48,7 +48,15 @@ class Checkpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as err:
+            # Orbax reports a structure or shape mismatch in many lines; say what it means.
+            detail = " ".join(str(err).split())[:200]
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} does not fit this network and optimizer ({detail}): "
+                f"it was written by another model or config; use a new --workdir"
+            ) from None
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -37,6 +37,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 NAN_POLICIES = ("skip", "stop")
 SAM_VARIANTS = ("asam", "gsam", "looksam", "none", "sam")
 # Fields that may differ when a run is resumed (they change no number it computes).
+# Fields that change the parameters' shapes: a run's checkpoints cannot be resumed under others.
+_NETWORK_FIELDS = ("model.name", "model.width")
 _RESUMABLE_FIELDS = ("train.progress", "train.log_every_steps", "train.max_steps", "train.nan_policy")
 
 
@@ -320,8 +322,15 @@ def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, al
         )
         if not differs:
             return
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differs[:4])
+        network = [k for k in differs if k in _NETWORK_FIELDS]
+        checkpoints = os.path.join(workdir, "checkpoints")
+        if allow_change and network and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+            raise ValueError(
+                f"{workdir} holds checkpoints of another network ({', '.join(network)} differ): "
+                f"--allow_config_change cannot change the network; use a new --workdir"
+            )
         if not allow_change:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differs[:4])
             raise ValueError(
                 f"{workdir} holds a run with a different config ({shown}): use a new --workdir, "
                 f"or --allow_config_change to resume it with the new settings"
@@ -334,6 +343,18 @@ def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, al
     with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates the run folder and checks that files can be written in it (one-line ValueError if not)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write to workdir {workdir} ({err.strerror}): choose a writable --workdir") from None
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -504,7 +525,7 @@ def train_and_evaluate(
     rho = sam_rho(config, lr_schedule)
     rho_value = (lambda step: float(rho(step))) if callable(rho) else (lambda step: float(rho))
 
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     write_or_check_config(config, workdir, allow_change=allow_config_change)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state = create_train_state(model, tx, jax.random.key(config.seed))

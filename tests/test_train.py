@@ -338,3 +338,36 @@ def test_nan_policy_skip_leaves_the_state_and_counts_the_step(tmp_path, monkeypa
     assert record["step"] == 8 and np.isfinite(record["train_loss"])
     # The loss and accuracy of epoch 1 average its 3 good steps only.
     assert np.isfinite(epochs[0]["train_loss"]) and np.isfinite(epochs[0]["train_grad_norm"])
+
+
+def test_an_unwritable_workdir_is_one_line_and_touches_nothing(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    workdir = str(blocker / "run")
+    with pytest.raises(ValueError) as err:
+        train_and_evaluate(tiny_config(), workdir)
+    assert str(err.value) == f"cannot write to workdir {workdir} (Not a directory): choose a writable --workdir"
+    assert blocker.read_text() == "kept"
+
+
+def test_checkpoints_of_another_network_are_refused(sam_run, tmp_path):
+    from jaxsam.train import load_run
+
+    config, workdir, _ = sam_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    before = sorted(os.listdir(os.path.join(copy, "checkpoints")))
+    wider = tiny_config(**{"sam.name": "sam", "train.num_epochs": 4, "model.width": 0.125})
+    with pytest.raises(ValueError, match=r"holds checkpoints of another network \(model.width differ\): "
+                                         r"--allow_config_change cannot change the network; use a new --workdir$"):
+        train_and_evaluate(wider, copy, allow_config_change=True)
+    # A config.json that no longer matches its checkpoints (edited, or copied over): one line, not orbax's dump.
+    with open(os.path.join(copy, "config.json")) as f:
+        saved = json.load(f)
+    saved["model"]["width"] = 0.125
+    with open(os.path.join(copy, "config.json"), "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError, match=r"^checkpoint 16 in .*copy/checkpoints does not fit this network and "
+                                         r"optimizer \(.*\): it was written by another model or config; use a new --workdir$"):
+        load_run(copy)
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
