@@ -61,16 +61,3 @@ def mlp_problem():
     params = mlp_init(k_params)
     batch = (jax.random.normal(k_x, (16, 5)), jax.random.randint(k_y, (16,), 0, 3))
     return params, batch, mlp_loss
-
-
-# Tests that share an expensive module-scoped fixture (a trained run, a whole
-# study) go to one xdist worker (`--dist loadgroup` in pyproject.toml), so the
-# fixture is built once; every other test is scheduled on its own.
-SHARED_FIXTURES = ("sam_run", "adam_run", "finished_study")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
