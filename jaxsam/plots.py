@@ -376,6 +376,14 @@ def _grid_shape(panels: Sequence[Sequence[Any]]) -> tuple[int, int]:
     return len(panels), max(len(row) for row in panels)
 
 
+def _filled_panels(panels, axes: np.ndarray):
+    """(axes, panel, column) for every cell of the grid that holds a panel."""
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            if panel is not None:
+                yield axes[r, c], panel, c
+
+
 def _finish_panels(fig: Figure, axes: np.ndarray, panels, title: str, path, legend_handles=None) -> pathlib.Path:
     for r, row in enumerate(panels):
         for c in range(axes.shape[1]):
@@ -416,25 +424,20 @@ def plot_band_panels(
     nrows, ncols = _grid_shape(panels)
     fig, axes = _panel_figure(nrows, ncols)
     colours: dict[str, str] = {}
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel is None:
-                continue
-            panel_title, series = panel
-            ax = axes[r, c]
-            for label, (xs, mean, std) in series.items():
-                colour = colours.setdefault(label, f"C{len(colours) % 10}")
-                xs, mean, std = _flat(xs), _flat(mean), _flat(std)
-                ax.plot(xs, mean, color=colour, lw=1.6, marker="o" if xs.size <= 30 else None, ms=3, label=label)
-                if np.any(np.isfinite(std)):
-                    ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
-            if log_y:
-                ax.set_yscale("log")
-            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-            _style(ax, panel_title, xlabel, ylabel)
-            ax.grid(True, alpha=0.3)
-            if len(series) > 1:
-                ax.legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
+    for ax, (panel_title, series), _ in _filled_panels(panels, axes):
+        for label, (xs, mean, std) in series.items():
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            xs, mean, std = _flat(xs), _flat(mean), _flat(std)
+            ax.plot(xs, mean, color=colour, lw=1.6, marker="o" if xs.size <= 30 else None, ms=3, label=label)
+            if np.any(np.isfinite(std)):
+                ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+        if log_y:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        _style(ax, panel_title, xlabel, ylabel)
+        ax.grid(True, alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
     return _finish_panels(fig, axes, panels, title, path)
 
 
@@ -460,17 +463,12 @@ def plot_scatter_panels(
     """
     nrows, ncols = _grid_shape(panels)
     fig, axes = _panel_figure(nrows, ncols)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel is None:
-                continue
-            panel_title, xlabel, points = panel
-            ax = axes[r, c]
-            for p in points:
-                face = p["colour"] if p.get("filled", True) else "none"
-                ax.plot([p["x"]], [p["y"]], ls="none", marker=p["marker"], ms=7, mfc=face, mec=p["colour"], mew=1.4)
-            _style(ax, panel_title, xlabel, ylabel if c == 0 else "")
-            ax.grid(True, alpha=0.3)
+    for ax, (panel_title, xlabel, points), c in _filled_panels(panels, axes):
+        for p in points:
+            face = p["colour"] if p.get("filled", True) else "none"
+            ax.plot([p["x"]], [p["y"]], ls="none", marker=p["marker"], ms=7, mfc=face, mec=p["colour"], mew=1.4)
+        _style(ax, panel_title, xlabel, ylabel if c == 0 else "")
+        ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], ls="none", marker=e["marker"], ms=7, mec=e["colour"], mew=1.4,
                       mfc=e["colour"] if e.get("filled", True) else "none", label=e["label"])
                for e in legend]  # fmt: skip
@@ -487,12 +485,10 @@ def plot_curve_panels(
     """A grid of plot_curve panels (e.g. the base -> SAM interpolation per model and optimizer)."""
     nrows, ncols = _grid_shape(panels)
     fig, axes = _panel_figure(nrows, ncols)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel is not None:
-                _draw_curves(axes[r, c], panel[1], title=panel[0], xlabel=xlabel, legend=False)
-                if len(panel[1]) > 1:
-                    axes[r, c].legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
+    for ax, (panel_title, curves), _ in _filled_panels(panels, axes):
+        _draw_curves(ax, curves, title=panel_title, xlabel=xlabel, legend=False)
+        if len(curves) > 1:
+            ax.legend(fontsize=FONT["legend"], loc="best", framealpha=0.85)
     return _finish_panels(fig, axes, panels, title, path)
 
 
@@ -509,10 +505,8 @@ def plot_surface_panels(
     losses = [_surface_arrays(p[1])[2] for row in panels for p in row if p is not None]
     shared = _levels(np.concatenate([loss.ravel() for loss in losses]))
     fig, axes = _panel_figure(nrows, ncols)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel is not None:
-                _draw_surface(fig, axes[r, c], panel[1], title=panel[0], xlabel=xlabel, ylabel=ylabel, levels=shared)
+    for ax, (panel_title, result), _ in _filled_panels(panels, axes):
+        _draw_surface(fig, ax, result, title=panel_title, xlabel=xlabel, ylabel=ylabel, levels=shared)
     return _finish_panels(fig, axes, panels, title, path)
 
 
@@ -525,10 +519,8 @@ def plot_density_panels(
     """A grid of spectral-density panels (e.g. base vs SAM per model and optimizer)."""
     nrows, ncols = _grid_shape(panels)
     fig, axes = _panel_figure(nrows, ncols)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
-            if panel is not None:
-                _draw_density(axes[r, c], panel[1], title=panel[0], xlabel="Hessian eigenvalue")
+    for ax, (panel_title, results), _ in _filled_panels(panels, axes):
+        _draw_density(ax, results, title=panel_title, xlabel="Hessian eigenvalue")
     return _finish_panels(fig, axes, panels, title, path)
 
 

@@ -22,20 +22,14 @@ import numpy as np
 from scipy import stats
 
 from jaxsam import plots
+from jaxsam import study as lib  # study imports this module only inside write_report: no cycle
 
 MARKERS = {"resnet18": "o", "vgg16": "s"}
 PERCENT = ("test_accuracy", "train_accuracy", "gap")
 
 
-def _study_lib():
-    from jaxsam import study as study_lib
-
-    return study_lib
-
-
 def _groups(study: ml_collections.ConfigDict) -> list[tuple[str, list[str]]]:
     """[(base arm, [base arm, its SAM arms...])] in the order of study.arms; SAM arms without their base alone."""
-    lib = _study_lib()
     arms = [a.strip() for a in study.arms.split(",") if a.strip()]
     groups: dict[str, list[str]] = {}
     for arm in arms:
@@ -49,15 +43,15 @@ def _models(study) -> list[str]:
 
 
 def _label(arm: str) -> str:
-    return _study_lib().ARMS[arm].label
+    return lib.ARMS[arm].label
 
 
 def _model_label(model: str) -> str:
-    return _study_lib().MODEL_LABELS.get(model, model)
+    return lib.MODEL_LABELS.get(model, model)
 
 
 def _measure_label(key: str) -> str:
-    return {k: label for k, label, _ in _study_lib().MEASURE_COLUMNS}[key]
+    return {k: label for k, label, _ in lib.MEASURE_COLUMNS}[key]
 
 
 def _finite(values) -> list[float]:
@@ -67,7 +61,7 @@ def _finite(values) -> list[float]:
 def kendall_taus(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Kendall τ of each measure with the generalization gap over the runs that have both."""
     out = {}
-    for key, _, _ in _study_lib().MEASURE_COLUMNS:
+    for key, _, _ in lib.MEASURE_COLUMNS:
         pairs = [(r[key], r["gap"]) for r in rows if "gap" in r and key in r and math.isfinite(r[key])]
         if len(pairs) >= 3:
             tau = stats.kendalltau(*zip(*pairs)).statistic
@@ -98,7 +92,6 @@ def _by_epoch(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 
 def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
     """Writes every figure the rows allow into out_dir; returns {name: path relative to the study folder}."""
-    lib = _study_lib()
     made: dict[str, str] = {}
     models, groups = _models(study), _groups(study)
     folder = os.path.basename(out_dir.rstrip("/"))
@@ -213,7 +206,6 @@ def _fmt(cell: dict[str, Any] | None, key: str) -> str:
 
 
 def _table(model: str, agg: dict[str, dict[str, Any]], arms: list[str]) -> list[str]:
-    lib = _study_lib()
     columns = [("test_accuracy", "test acc. (%)"), ("train_accuracy", "train acc. (%)"), ("gap", "gap (pp)")]
     columns += [(key, label) for key, label, _ in lib.MEASURE_COLUMNS if any(key in agg.get(a, {}) for a in arms)]
     lines = ["| arm | seeds | " + " | ".join(label for _, label in columns) + " |",
@@ -244,7 +236,6 @@ def _spread_word(delta: float, cell_a, cell_b) -> str:
 
 def _pair_findings(rows, agg, model: str, base: str, sam: str) -> tuple[list[str], dict[str, str]]:
     """Sentences comparing one SAM arm with its base on one model; and {measure: lower|higher}."""
-    lib = _study_lib()
     a, b = agg[model][base], agg[model][sam]
     lines = []
     delta = 100 * (b["test_accuracy"]["mean"] - a["test_accuracy"]["mean"])
@@ -274,7 +265,6 @@ def _pair_findings(rows, agg, model: str, base: str, sam: str) -> tuple[list[str
 
 
 def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
-    lib = _study_lib()
     spec = lib.plan(study)[0]
     c = lib.run_config(study, spec)
     if c.data.source == "synthetic":
@@ -350,7 +340,6 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
 
 def markdown(study, command: str, rows, summary, figures: dict[str, str], planned) -> str:
     """The report text."""
-    lib = _study_lib()
     agg = summary["aggregate"]
     models, groups = _models(study), _groups(study)
     out = [

@@ -42,8 +42,7 @@ def main(argv):
             summary = study.write_report(workdir)
             print(f"report: {summary['report']} ({summary['runs_done']}/{summary['runs_planned']} runs)")
             return 0
-        argv_seen = [a for a in sys.argv[1:] if a not in ("--report_only", "--noreport_only")]
-        study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *argv_seen]))
+        study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]))
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

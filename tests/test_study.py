@@ -198,7 +198,7 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     reference = json.load(open(os.path.join(reference_folder, "summary.json")))["runs"]
     resumed = json.load(open(os.path.join(folder, "summary.json")))["runs"]
     for a, b in zip(reference, resumed):
-        np.testing.assert_equal({k: v for k, v in a.items()}, {k: v for k, v in b.items()})
+        np.testing.assert_equal(a, b)
 
 
 def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path):
