@@ -1,18 +1,32 @@
-"""Orbax checkpoints of a run: save every few epochs, keep the last few, resume the latest.
+"""Orbax checkpoints of a run: save every few epochs, keep the last few, resume the latest good one.
 
 A thin wrapper over `orbax.checkpoint.CheckpointManager` so the training loop
-says what it means (`save`, `latest_step`, `restore`). Orbax writes each
-checkpoint into a temporary folder and renames it when complete, so a
-half-written checkpoint is never listed as the latest.
+says what it means (`save`, `latest_step`, `restore`, `restore_latest_good`).
+Orbax writes each checkpoint into a temporary folder (`<step>.orbax-checkpoint-tmp`)
+and renames it when complete, so a process killed mid-save leaves a folder that
+is never listed as a step (and is replaced by the next save of that step). A
+committed checkpoint that later fails to read (a damaged disk, a truncated
+copy) is reported and moved aside to `checkpoints.corrupt/`, and the run
+resumes from the newest one that reads.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import shutil
+import sys
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CorruptCheckpoint(ValueError):
+    """A committed checkpoint whose files cannot be read although its shapes fit the target."""
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
 
 
 class Checkpoints:
@@ -50,13 +64,63 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except (ValueError, KeyError, TypeError) as err:
-            # Orbax reports a structure or shape mismatch in many lines; say what it means.
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            # Orbax reports a mismatch or a damaged file in many lines; say which it is.
             detail = " ".join(str(err).split())[:200]
+            if self._shapes_differ(step, abstract):
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} does not fit this network and optimizer ({detail}): "
+                    f"it was written by another model or config; use a new --workdir"
+                ) from None
+            raise CorruptCheckpoint(f"checkpoint {step} in {self.directory} is unreadable ({detail})") from None
+
+    def _shapes_differ(self, step: int, abstract: Any) -> bool:
+        """Whether checkpoint `step`'s saved array shapes differ from `abstract`'s (False if its metadata is unreadable)."""
+        try:
+            saved = self._manager.item_metadata(step).tree
+        except Exception:  # noqa: BLE001 (any failure to read the metadata means damage, not a mismatch)
+            return False
+        shapes = lambda tree: sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))  # noqa: E731
+        return shapes(saved) != shapes(abstract)
+
+    def restore_latest_good(self, target: Any, warn: Callable[[str], None] = _warn) -> Optional[Any]:
+        """The newest checkpoint that restores into `target`'s structure, or None if there is none.
+
+        Newer checkpoints that are unreadable are reported through `warn` and
+        moved to `checkpoints.corrupt/` beside this folder (kept, not deleted),
+        so the run resumes from the previous good one and later saves of those
+        steps do not collide. A checkpoint of another network raises at once;
+        if every checkpoint is unreadable, nothing is moved and a ValueError
+        names the fix.
+        """
+        unreadable = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(target, step)
+            except CorruptCheckpoint as err:
+                unreadable.append((step, err))
+                continue
+            for bad_step, err in unreadable:
+                moved = self._move_aside(bad_step)
+                warn(f"{err}: moved to {moved}; resuming from checkpoint {step}")
+            return state
+        if unreadable:
             raise ValueError(
-                f"checkpoint {step} in {self.directory} does not fit this network and optimizer ({detail}): "
-                f"it was written by another model or config; use a new --workdir"
-            ) from None
+                f"no checkpoint in {self.directory} can be read (the latest: {unreadable[0][1]}): "
+                f"move the folder aside to start the run over, or use a new --workdir"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        """Moves checkpoint `step` to checkpoints.corrupt/<step>[.n] and forgets it."""
+        corrupt = os.path.join(os.path.dirname(self.directory), os.path.basename(self.directory) + ".corrupt")
+        os.makedirs(corrupt, exist_ok=True)
+        destination, n = os.path.join(corrupt, str(step)), 1
+        while os.path.exists(destination):
+            destination, n = os.path.join(corrupt, f"{step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), destination)
+        self._manager.reload()
+        return destination
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -261,9 +261,17 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
             saved = json.load(f)
         if saved["study"] == current:
             return
+        from jaxsam.geometry.measure import measure_options as measure_defaults
+        from jaxsam.train import _flat as flat
+
         grid = ("models", "arms", "seeds", "figure_seeds", "figure_measures")
-        changed = sorted(k for k in set(saved["study"]) | set(current)
-                         if k not in grid and saved["study"].get(k) != current.get(k))  # fmt: skip
+        old, new = flat(ml_collections.ConfigDict(saved["study"])), flat(study)
+        # A run or measure field the saved study predates counts as its default (older study folders resume).
+        size = old.get("run.size", "full")
+        defaults = {f"run.{k}": v for k, v in flat(base_config(size)).items()}
+        defaults.update({f"measure.{k}": v for k, v in flat(measure_defaults(size)).items()})
+        changed = sorted({k.split(".")[0] for k in set(old) | set(new)
+                          if k not in grid and old.get(k, defaults.get(k)) != new.get(k)})  # fmt: skip
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "

@@ -529,9 +529,9 @@ def train_and_evaluate(
     write_or_check_config(config, workdir, allow_change=allow_config_change)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state = create_train_state(model, tx, jax.random.key(config.seed))
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-    state = parallel.put_replicated(state, mesh)
+    # The newest checkpoint that reads; unreadable newer ones are reported and moved aside.
+    restored = checkpoints.restore_latest_good(state)
+    state = parallel.put_replicated(state if restored is None else restored, mesh)
     start_step = int(state.step)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
 

@@ -51,6 +51,7 @@ def _epochs(workdir):
         return [r for r in map(json.loads, f) if "test_accuracy" in r]
 
 
+@pytest.mark.xdist_group("adam_run")
 def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_run):
     config, workdir = adam_run
     epochs = _epochs(workdir)
@@ -75,6 +76,7 @@ def test_tracked_measures_agree_with_the_full_measures_on_the_checkpoint(adam_ru
     assert last["track_first_order"] == pytest.approx(first, rel=1e-4)
 
 
+@pytest.mark.xdist_group("adam_run")
 def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")
@@ -107,6 +109,7 @@ def test_measure_run_writes_every_measure_and_keeps_the_previous_file(adam_run):
     assert not np.allclose(fresh["loss"], stale["loss"])
 
 
+@pytest.mark.xdist_group("adam_run")
 def test_read_config_fills_fields_an_older_run_predates(adam_run, tmp_path):
     _, workdir = adam_run
     with open(os.path.join(workdir, "config.json")) as f:
@@ -126,6 +129,7 @@ def test_measure_script_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path} has no config.json: pass the folder of a run made by scripts/train.py"
 
 
+@pytest.mark.xdist_group("adam_run")
 def test_unknown_measures_are_refused_with_the_list(adam_run):
     _, workdir = adam_run
     options = measure_options("smoke")

@@ -108,6 +108,7 @@ def finished_study(tmp_path_factory):
     return folder, summary, lines
 
 
+@pytest.mark.xdist_group("finished_study")
 def test_study_trains_measures_and_reports_every_arm(finished_study):
     folder, summary, lines = finished_study
     assert lines[0].endswith("0/4 steps (trainings + measurements) already done")
@@ -147,6 +148,7 @@ def test_study_trains_measures_and_reports_every_arm(finished_study):
     assert f"({delta:+.2f} pp; higher with SAM in {int(delta > 0)} of 1 seeds" in report
 
 
+@pytest.mark.xdist_group("finished_study")
 def test_rerun_does_nothing_and_report_only_is_byte_identical(finished_study):
     folder, _, _ = finished_study
     with open(os.path.join(folder, "report.md"), "rb") as f:
@@ -166,6 +168,7 @@ def test_rerun_does_nothing_and_report_only_is_byte_identical(finished_study):
         assert f.read() == before
 
 
+@pytest.mark.xdist_group("finished_study")
 def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished_study, tmp_path):
     reference_folder, _, _ = finished_study
     folder = str(tmp_path / "killed")
@@ -223,3 +226,16 @@ def test_a_study_folder_refuses_other_settings_but_lets_the_grid_grow(tmp_path):
     study_lib._check_or_write_study(study_config("smoke", seeds=3, arms="sgd,sgd_sam,adam"), folder, "third")
     grown, command = study_lib.read_study(folder)
     assert (grown.seeds, grown.arms, command) == (3, "sgd,sgd_sam,adam", "third")
+    # A study folder from before a field existed resumes (the field counts as its default), unless it is changed.
+    with open(os.path.join(folder, "study.json")) as f:
+        older = json.load(f)
+    del older["study"]["run"]["train"]["nan_policy"]
+    with open(os.path.join(folder, "study.json"), "w") as f:
+        json.dump(older, f)
+    study_lib._check_or_write_study(study_config("smoke", seeds=3, arms="sgd,sgd_sam,adam"), folder, "fourth")
+    with open(os.path.join(folder, "study.json"), "w") as f:
+        json.dump(older, f)
+    with pytest.raises(ValueError, match=r"holds a study with other run settings"):
+        study_lib._check_or_write_study(
+            study_config("smoke", seeds=3, arms="sgd,sgd_sam,adam", **{"run.train.nan_policy": "skip"}), folder, "fifth"
+        )

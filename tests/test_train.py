@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def sam_run(tmp_path_factory):
     return config, workdir, record
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_training_writes_its_files_and_learns(sam_run):
     config, workdir, record = sam_run
     assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl"]
@@ -82,6 +84,7 @@ def test_training_writes_its_files_and_learns(sam_run):
     assert Checkpoints(os.path.join(workdir, "checkpoints")).all_steps() == [8, 12, 16]  # the last 3 kept
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_resume_from_a_checkpoint_gives_identical_parameters(sam_run, tmp_path):
     config, workdir, _ = sam_run
     interrupted = str(tmp_path / "interrupted")
@@ -98,6 +101,7 @@ def test_resume_from_a_checkpoint_gives_identical_parameters(sam_run, tmp_path):
     assert [r["epoch"] for r in _records(interrupted) if r.get("epoch_done")] == [1, 2, 3, 4]
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_a_finished_run_started_again_trains_nothing(sam_run):
     config, workdir, record = sam_run
     before = open(os.path.join(workdir, "metrics.jsonl")).read()
@@ -117,6 +121,7 @@ def test_max_steps_stops_early_and_resumes(tmp_path):
     assert record["step"] == 8 and record["epoch_done"]
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_a_workdir_of_another_config_is_refused_untouched(sam_run, tmp_path):
     config, workdir, _ = sam_run
     other = tiny_config(**{"sam.name": "none", "train.num_epochs": 4})
@@ -126,6 +131,7 @@ def test_a_workdir_of_another_config_is_refused_untouched(sam_run, tmp_path):
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_allow_config_change_keeps_the_old_config(sam_run, tmp_path):
     config, workdir, _ = sam_run
     copy = str(tmp_path / "copy")
@@ -350,6 +356,7 @@ def test_an_unwritable_workdir_is_one_line_and_touches_nothing(tmp_path):
     assert blocker.read_text() == "kept"
 
 
+@pytest.mark.xdist_group("sam_run")
 def test_checkpoints_of_another_network_are_refused(sam_run, tmp_path):
     from jaxsam.train import load_run
 
@@ -371,3 +378,123 @@ def test_checkpoints_of_another_network_are_refused(sam_run, tmp_path):
                                          r"optimizer \(.*\): it was written by another model or config; use a new --workdir$"):
         load_run(copy)
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
+
+
+def _last_logged_step(workdir):
+    """The highest step in metrics.jsonl (a line being written is skipped)."""
+    last = 0
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    last = max(last, json.loads(line)["step"])
+                except (ValueError, KeyError):
+                    pass
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def _start_driver(workdir, *args):
+    """tests/crash_driver.py training `workdir` in a subprocess; its output goes to <workdir>.log."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = [sys.executable, os.path.join(ROOT, "tests", "crash_driver.py"), workdir, *args]
+    with open(workdir + ".log", "a") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _tail(workdir):
+    with open(workdir + ".log") as f:
+        return f.read()[-2000:]
+
+
+def _kill_once_past(process, workdir, step, timeout=600):
+    """SIGKILLs `process` as soon as metrics.jsonl shows `step` done (asserts it was still running)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while _last_logged_step(workdir) < step:
+        assert process.poll() is None, f"the run ended before step {step}: {_tail(workdir)}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sam_run")
+def test_killed_three_times_including_mid_save_resumes_to_bit_identical_parameters(sam_run, tmp_path):
+    """SIGKILL at two random steps and once while a checkpoint is committed; each rerun resumes."""
+    config, reference, _ = sam_run
+    workdir = str(tmp_path / "crashed")
+    os.makedirs(workdir)
+    config = tiny_config(**{"sam.name": "sam", "train.num_epochs": 4, "train.log_every_steps": 1})
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort())
+    rng = np.random.default_rng(2026)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # 1. A random moment in the first two epochs (4 steps each; a checkpoint at each epoch's end).
+    _kill_once_past(_start_driver(workdir), workdir, int(rng.integers(2, 8)))
+    # 2. While checkpoint 12 is being committed: its arrays are written, the folder not yet renamed.
+    died = _start_driver(workdir, "12")
+    assert died.wait(timeout=600) == -9, _tail(workdir)
+    assert "12.orbax-checkpoint-tmp" in os.listdir(checkpoints)
+    listing = Checkpoints(checkpoints)
+    assert listing.all_steps()[-1] == 8  # the half-committed save is not taken as the latest
+    listing.close()
+    # 3. A random step of the last epoch (checkpoint 12 may still be being written in the background).
+    _kill_once_past(_start_driver(workdir), workdir, int(rng.integers(13, 16)))
+    finished = _start_driver(workdir)
+    assert finished.wait(timeout=600) == 0, _tail(workdir)
+    step_a, uninterrupted = _final_params(reference, config)
+    step_b, resumed = _final_params(workdir, config)
+    assert step_a == step_b == 16
+    chex.assert_trees_all_equal(uninterrupted, resumed)  # bit-identical after three kills
+    assert [r["epoch"] for r in _records(workdir) if r.get("epoch_done")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _records(workdir) if not r.get("epoch_done")] == list(range(1, 17))
+    assert sorted(os.listdir(checkpoints)) == ["12", "16", "8"]
+
+
+@pytest.mark.xdist_group("sam_run")
+def test_a_corrupt_latest_checkpoint_is_reported_moved_aside_and_the_previous_one_used(sam_run, tmp_path, capfd):
+    config, reference, _ = sam_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(reference, copy)
+    checkpoints = os.path.join(copy, "checkpoints")
+
+    def truncate_arrays(step):
+        folder = os.path.join(checkpoints, str(step), "default", "d")
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(os.path.getsize(os.path.join(folder, name)) // 2)
+
+    truncate_arrays(16)
+    record = train_and_evaluate(config, copy)  # resumes at 12 and trains the last epoch again
+    assert record["step"] == 16
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1
+    assert re.fullmatch(rf"warning: checkpoint 16 in {re.escape(checkpoints)} is unreadable \(.+\): "
+                        rf"moved to {re.escape(checkpoints)}.corrupt/16; resuming from checkpoint 12", warnings[0])  # fmt: skip
+    assert os.path.isdir(os.path.join(copy, "checkpoints.corrupt", "16", "default"))  # kept, not deleted
+    chex.assert_trees_all_equal(_final_params(reference, config)[1], _final_params(copy, config)[1])
+    assert [r["epoch"] for r in _records(copy) if r.get("epoch_done")] == [1, 2, 3, 4]
+    # Every checkpoint unreadable: one line, nothing moved.
+    for step in (8, 12, 16):
+        truncate_arrays(step)
+    with pytest.raises(ValueError, match=rf"^no checkpoint in {re.escape(checkpoints)} can be read \(the latest: "
+                                         r"checkpoint 16 .* is unreadable .*\): move the folder aside to start the run "
+                                         r"over, or use a new --workdir$"):  # fmt: skip
+        train_and_evaluate(config, copy)
+    assert sorted(os.listdir(checkpoints)) == ["12", "16", "8"]
+
+
+@pytest.mark.xdist_group("sam_run")
+def test_the_same_config_and_seed_train_bit_identically_on_cpu(sam_run, tmp_path):
+    config, reference, _ = sam_run
+    again = str(tmp_path / "again")
+    train_and_evaluate(config, again)
+    chex.assert_trees_all_equal(_final_params(reference, config)[1], _final_params(again, config)[1])
+    timing = ("images_per_sec", "train_images_per_sec", "epoch_seconds")
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert strip(_records(again)) == strip(_records(reference))  # every logged loss, accuracy, norm
