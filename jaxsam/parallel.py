@@ -5,6 +5,13 @@ and is implemented on `jax.shard_map`, so the train step here is written per
 device, exactly as for pmap (local batch, `lax.pmean` over the "data" axis),
 and mapped over a 1-D mesh of every device with `jax.shard_map`. Parameters
 and optimizer state are replicated; batches are split along their first axis.
+
+Several processes (hosts, or one process per GPU) run the same program through
+JAX's own distributed runtime (`start_distributed`, before anything touches a
+device): the mesh spans every process's devices, each process builds the same
+global batch from the same seed and hands only its own devices' rows to JAX
+(`put_batch`), and files (config.json, metrics.jsonl) are written by process 0
+(`is_primary`); orbax coordinates the checkpoint so it is written once.
 """
 
 from __future__ import annotations
@@ -16,6 +23,41 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+
+
+def start_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+) -> bool:
+    """Starts `jax.distributed` when asked: any of the three settings given, or `auto`.
+
+    `auto` lets JAX read them from the cluster (SLURM, Open MPI, Kubernetes,
+    or the JAX_COORDINATOR_ADDRESS variable); settings given here win. Under
+    SLURM that detection also narrows each process to the GPU of its local
+    rank (one process per GPU). Without `auto` all three settings are needed
+    and cluster detection is off, so a process keeps every device it sees (one
+    process per node). Must run before the first JAX computation. Returns
+    whether it started. On CPU the processes reduce over gloo (JAX's default).
+    """
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if not auto and not any(given):
+        return False
+    if not auto and not all(given):
+        raise ValueError(
+            "a multi-process run needs all of --coordinator_address, --num_processes and --process_id "
+            "(or --distributed to read them from SLURM / Open MPI)"
+        )
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, cluster_detection_method=None if auto else "deactivate")  # fmt: skip
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes a run's files."""
+    return jax.process_index() == 0
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -52,13 +94,27 @@ def per_device(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any) -> Ca
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+    """The global array `x` (the same on every process) from this process's rows of it only."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def put_batch(batch: Any, mesh: Mesh) -> Any:
-    """Host arrays -> device arrays split along axis 0 over the mesh."""
-    return jax.device_put(batch, batch_sharded(mesh))
+    """Host arrays -> device arrays split along axis 0 over the mesh.
+
+    With several processes each one holds the whole global batch (the same seed
+    gives the same batches everywhere) and transfers only its devices' rows.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, batch_sharded(mesh))
+    return jax.tree.map(lambda x: _global_array(x, batch_sharded(mesh)), batch)
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, replicated(mesh))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated(mesh))
+    return jax.tree.map(lambda x: _global_array(x, replicated(mesh)), tree)
 
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/jaxsam/xla"

@@ -302,11 +302,14 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False) -> None:
+def write_or_check_config(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool = False, write: bool = True
+) -> None:
     """Writes config.json, or checks that an existing one describes the same run.
 
     With `allow_change`, a differing config.json is kept as config.<n>.json and
     the new one written, so the history of the run's settings is not lost.
+    With `write=False` (every process but the first of a multi-process run) it only checks.
     """
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -335,10 +338,14 @@ def write_or_check_config(config: ml_collections.ConfigDict, workdir: str, *, al
                 f"{workdir} holds a run with a different config ({shown}): use a new --workdir, "
                 f"or --allow_config_change to resume it with the new settings"
             )
+        if not write:
+            return
         n = 1
         while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
             n += 1
         os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+    if not write:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -425,9 +432,9 @@ def load_run(workdir: str, *, step: int | None = None) -> Run:
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per logged step or epoch."""
 
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
-        if os.path.exists(path):
+    def __init__(self, path: str, resume_step: int, enabled: bool = True):
+        self.path = path if enabled else None  # disabled: every process but the first of a multi-process run
+        if enabled and os.path.exists(path):
             # Drop records past the checkpoint we resume from: those steps run again.
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -437,6 +444,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -526,14 +535,15 @@ def train_and_evaluate(
     rho_value = (lambda step: float(rho(step))) if callable(rho) else (lambda step: float(rho))
 
     make_workdir(workdir)
-    write_or_check_config(config, workdir, allow_change=allow_config_change)
+    primary = parallel.is_primary()  # process 0 writes the run's files; orbax coordinates checkpoints itself
+    write_or_check_config(config, workdir, allow_change=allow_config_change, write=primary)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state = create_train_state(model, tx, jax.random.key(config.seed))
     # The newest checkpoint that reads; unreadable newer ones are reported and moved aside.
     restored = checkpoints.restore_latest_good(state)
     state = parallel.put_replicated(state if restored is None else restored, mesh)
     start_step = int(state.step)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, enabled=primary)
 
     step_options = dict(
         label_smoothing=config.train.label_smoothing,
@@ -577,7 +587,7 @@ def train_and_evaluate(
         bar = tqdm(
             total=steps_per_epoch,
             initial=first,
-            disable=not config.train.progress,
+            disable=not (config.train.progress and primary),
             desc=f"epoch {epoch + 1}/{num_epochs}",
             unit="step",
             leave=True,

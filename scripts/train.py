@@ -22,6 +22,13 @@ _CACHE = flags.DEFINE_string(
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "resume a workdir whose config.json differs (the old one is kept as config.<n>.json)"
 )
+# Several processes (one per host, or per GPU): jax.distributed, see README "Several GPUs and hosts".
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 of a multi-process run")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (0 .. num_processes-1)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "start a multi-process run from the cluster's environment (SLURM, Open MPI)"
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -39,6 +46,11 @@ def main(argv):
     from jaxsam import data, parallel
     from jaxsam.train import train_and_evaluate
 
+    try:
+        parallel.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     parallel.use_compilation_cache(_CACHE.value)
 
     config = _CONFIG.value
@@ -49,6 +61,8 @@ def main(argv):
     except (ValueError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not parallel.is_primary():
+        return 0
     print(
         f"done: {workdir}: epoch {record['epoch']}/{config.train.num_epochs}, step {record['step']}, "
         f"test accuracy {record['test_accuracy']:.4f} (loss {record['test_loss']:.4f}), "

@@ -115,6 +115,9 @@ BAD_INPUT = {
         ["--config.optimizer.learning_rate=0.2"], {}, "another config",
         r"/.*/run holds a run with a different config \(optimizer.learning_rate: 0.05 -> 0.2\): use a new --workdir, or --allow_config_change to resume it with the new settings"),
     "unwritable workdir": ([], {}, "unwritable", r"cannot write to workdir /.*/a_file/run \(Not a directory\): choose a writable --workdir"),
+    "incomplete multi-process flags": (
+        ["--num_processes=2"], {}, None,
+        r"a multi-process run needs all of --coordinator_address, --num_processes and --process_id \(or --distributed to read them from SLURM / Open MPI\)"),
     "checkpoint of another model": (
         ["--config.model.width=0.125", "--allow_config_change"], {}, "another model",
         r"/.*/run holds checkpoints of another network \(model.width differ\): --allow_config_change cannot change the network; use a new --workdir"),
