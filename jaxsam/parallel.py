@@ -16,6 +16,7 @@ global batch from the same seed and hands only its own devices' rows to JAX
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import jax
@@ -53,6 +54,42 @@ def start_distributed(
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, cluster_detection_method=None if auto else "deactivate")  # fmt: skip
     return True
+
+
+_barriers = itertools.count()
+
+
+def compiled_in_step(fn: Callable, name: str) -> Callable:
+    """`fn` (jitted), whose first call in a multi-process run compiles, then waits for every process.
+
+    The processes compile a program at different speeds, and CPU collectives
+    (gloo) give up on a peer that reaches a collective more than 30 s after the
+    others (measured: a train step's first call failed with "Gloo context
+    initialization failed: DEADLINE_EXCEEDED" while a second process was still
+    compiling). So the first call compiles ahead of time, meets the other
+    processes at a barrier of the distributed runtime (which waits for minutes,
+    not seconds), and only then runs. A single process gets `fn` unchanged.
+    """
+    if jax.process_count() == 1:
+        return fn
+    ready = False
+
+    def call(*args):
+        nonlocal ready
+        if not ready:
+            fn.lower(*args).compile()  # the call below finds it in JAX's compilation caches
+            barrier(f"{name}-{next(_barriers)}")
+            ready = True
+        return fn(*args)
+
+    return call
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name` (the distributed runtime's barrier, no collective)."""
+    from jax._src import distributed  # the coordination-service client; JAX has no public barrier without collectives
+
+    distributed.global_state.client.wait_at_barrier(f"jaxsam-{name}", timeout_s * 1000)
 
 
 def is_primary() -> bool:

@@ -555,7 +555,10 @@ def train_and_evaluate(
     if config.sam.name == "looksam" and config.sam.k > 1 and jax.default_backend() == "cpu":
         # XLA:CPU runs gradients inside lax.cond ~10x slower (docs/DESIGN.md): compile
         # LookSAM's SAM step and its reuse step separately and pick one per step here.
-        sam_steps = {flag: make_train_step(model, tx, mesh, sam_step=flag, **step_options) for flag in (True, False)}
+        sam_steps = {
+            flag: parallel.compiled_in_step(make_train_step(model, tx, mesh, sam_step=flag, **step_options), "train")
+            for flag in (True, False)
+        }
 
         def train_step(state, images, labels):
             # `step` (the loop's count of steps done) equals state.step and LookSAM's
@@ -563,8 +566,8 @@ def train_and_evaluate(
             return sam_steps[step % config.sam.k == 0](state, images, labels)
 
     else:
-        train_step = make_train_step(model, tx, mesh, **step_options)
-    eval_step = make_eval_step(model, mesh)
+        train_step = parallel.compiled_in_step(make_train_step(model, tx, mesh, **step_options), "train")
+    eval_step = parallel.compiled_in_step(make_eval_step(model, mesh), "eval")
     tracker = None
     if config.track.every_epochs > 0:
         from jaxsam.geometry.track import make_tracker
