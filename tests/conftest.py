@@ -61,3 +61,10 @@ def mlp_problem():
     params = mlp_init(k_params)
     batch = (jax.random.normal(k_x, (16, 5)), jax.random.randint(k_y, (16,), 0, 3))
     return params, batch, mlp_loss
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow first. pytest-xdist hands out the shared-fixture groups first (largest
+    group first) and then single tests in collection order; a slow single test collected last
+    (the two-process run in test_train.py) would otherwise start last and leave one worker idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
