@@ -5,7 +5,7 @@
 With a step, the process SIGKILLs itself while orbax commits that step's
 checkpoint: after the arrays are written into `<step>.orbax-checkpoint-tmp`,
 before the folder is renamed to `<step>` (the moment a real preemption does
-most damage). tests/test_faults.py also kills it from outside at random steps.
+most damage). tests/test_train.py also kills it from outside at random steps.
 """
 
 from __future__ import annotations
