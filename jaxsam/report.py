@@ -312,7 +312,10 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
         "trace": f"the Hessian trace (Hutchinson, {m.trace_probes} probes)",
         "preconditioned": "for Adam arms, λmax of the Hessian preconditioned by Adam's second-moment estimate "
                           "(Cohen et al. 2022)",
-        "interpolation": f"the loss along the line from each base minimum to its SAM minimum ({m.interpolation_points} points)",
+        "interpolation": f"the loss along the line from each base minimum to its SAM minimum ({m.interpolation_points} points"
+                         + (f"; BatchNorm statistics recomputed at every point from {m.calibration_examples} training "
+                            "images" if m.get("interpolation_recalibrate", False) or m.get("recalibrate", False)
+                            else "; the base network's BatchNorm statistics at every point") + ")",
         "density": f"the Hessian spectral density (stochastic Lanczos quadrature, {m.density_order} steps; "
                    f"{first_seeds})",
         "surface_2d": f"a 2-D loss surface along two random filter-normalized directions ({m.surface_points}² points; "

@@ -56,6 +56,7 @@ def test_measure_run_writes_every_measure_and_the_tracked_measures_bound_it(adam
     # the accurate values the few-step tracked ones are compared with below.
     options.n_examples, options.batch_size = config.track.n_examples, config.track.batch_size
     options.lanczos_iters, options.ascent_steps, options.top_k = 40, 30, 1
+    options.interpolation_recalibrate = False  # the stale-statistics curve, compared with the recalibrated one below
     results = measure_run(workdir, options, progress=False, log=lambda line: None)
     train = results["splits"]["train"]
     assert set(train) == set(MEASURES)  # an Adam run: the preconditioned measure too
@@ -91,7 +92,7 @@ def test_measure_run_writes_every_measure_and_the_tracked_measures_bound_it(adam
     measure_run(workdir, options, progress=False, log=lambda line: None)
     with open(os.path.join(workdir, "geometry", "geometry.1.json")) as f:
         assert set(json.load(f)["splits"]["train"]) == set(MEASURES)  # the earlier measurement is kept
-    options.measures, options.recalibrate, options.calibration_examples = "interpolation", True, 64
+    options.measures, options.interpolation_recalibrate, options.calibration_examples = "interpolation", True, 64
     curves = measure_run(workdir, options, progress=False, log=lambda line: None)["splits"]["train"]["interpolation"]
     stale = train["interpolation"]["init -> final"]
     fresh = curves["init -> final"]
