@@ -52,10 +52,10 @@ def get_config(size=None):
     if size == "full":
         c.run.track.every_epochs = 10
     elif size == "cpu":
-        # 8 arms x 2 seeds in 46 minutes on 2 CPU cores (measured; docs/results/cpu). Half the :cpu training
-        # subset for four epochs (the same number of steps as 2/3 of the :cpu run) instead
-        # of three epochs of 25,000 images: fewer images seen more often open a
-        # generalization gap for the measures to explain, and the curves get four points.
+        # 8 arms x 2 seeds on 2 CPU cores: 34.5 min training + 12.6 min measuring (summary.json
+        # of docs/results/cpu). Half the :cpu training subset for four epochs (2/3 of the :cpu
+        # run's steps) instead of three epochs of 25,000 images: fewer images seen more often
+        # open a generalization gap for the measures to explain, and the curves get four points.
         c.seeds = 2
         c.run.data.n_train = 12500
         c.run.train.num_epochs = 4

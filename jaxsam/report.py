@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from jaxsam import plots
+from jaxsam.geometry.measure import recalibrates
 from jaxsam import study as lib  # study imports this module only inside write_report: no cycle
 
 MARKERS = {"resnet18": "o", "vgg16": "s"}
@@ -314,7 +315,7 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
                           "(Cohen et al. 2022)",
         "interpolation": f"the loss along the line from each base minimum to its SAM minimum ({m.interpolation_points} points"
                          + (f"; BatchNorm statistics recomputed at every point from {m.calibration_examples} training "
-                            "images" if m.get("interpolation_recalibrate", False) or m.get("recalibrate", False)
+                            "images" if recalibrates(m, "interpolation")
                             else "; the base network's BatchNorm statistics at every point") + ")",
         "density": f"the Hessian spectral density (stochastic Lanczos quadrature, {m.density_order} steps; "
                    f"{first_seeds})",

@@ -111,6 +111,14 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
     return o
 
 
+def recalibrates(options: ml_collections.ConfigDict, name: str) -> bool:
+    """Whether measure `name` recomputes BatchNorm statistics at every point (options saved
+    before `interpolation_recalibrate` existed did not)."""
+    if name not in LANDSCAPE_MEASURES:
+        return False
+    return bool(options.recalibrate or (name == "interpolation" and options.get("interpolation_recalibrate", False)))
+
+
 def _parse_measures(names: str) -> list[str]:
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in MEASURES]
@@ -196,9 +204,7 @@ def measure_run(
                 batch_size=options.batch_size, bn=options.bn, subset=f"{split}[:{n}]",
             )  # fmt: skip
         loss_fn = loss_fns[split]
-        if name in LANDSCAPE_MEASURES and (
-            options.recalibrate or (name == "interpolation" and options.get("interpolation_recalibrate", False))
-        ):
+        if recalibrates(options, name):
             loss_fn = _recalibrated_loss_fn(run, split, variables, options)
         k = jax.random.fold_in(key, MEASURES.index(name))
         start = time.time()
