@@ -109,7 +109,7 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.track.rho = 0.05  # worst_case / first_order: L2 ball radius
     c.track.ascent_steps = 5  # worst_case: gradient-ascent steps
     c.track.sigma = 0.005  # average_case: Gaussian standard deviation per weight
-    c.track.samples = 8  # average_case: number of Gaussian draws
+    c.track.samples = 8  # average_case: loss evaluations, samples/2 antithetic pairs ±δ (even, >= 4)
 
     if size == "cpu":
         # Three epochs are too few for the 200-epoch recipe: the network underfits

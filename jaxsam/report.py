@@ -307,12 +307,15 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
                       "ascent steps, so a lower bound)",
         "worst_case_adaptive": f"adaptive worst-case sharpness (‖ε/|w|‖₂ ≤ {m.rho_adaptive:g}; Kwon et al. 2021, "
                                "Andriushchenko et al. 2023)",
-        "average_case": f"average-case sharpness E L(w+ε) − L(w), ε ~ N(0, {m.sigma:g}² I) ({m.samples} draws)",
+        "average_case": f"average-case sharpness E L(w+ε) − L(w), ε ~ N(0, {m.sigma:g}² I) ({m.samples} draws"
+                        + (", antithetic ±ε pairs" if m.get("antithetic", False) else "") + ")",
         "first_order": f"ρ‖∇L‖ with ρ = {m.rho:g} (what the original study logged as sharpness)",
         "lambda_max": f"λmax, the top Hessian eigenvalue ({m.lanczos_iters} Lanczos steps)",
         "trace": f"the Hessian trace (Hutchinson, {m.trace_probes} probes)",
         "preconditioned": "for Adam arms, λmax of the Hessian preconditioned by Adam's second-moment estimate "
-                          "(Cohen et al. 2022)",
+                          "(Cohen et al. 2022)" + (f", in the subspace Adam moved (coordinates with gradient RMS "
+                          f"≤ {m.preconditioned_floor:g} × the largest left out)" if m.get("preconditioned_floor", 0)
+                                                   else ""),
         "interpolation": f"the loss along the line from each base minimum to its SAM minimum ({m.interpolation_points} points"
                          + (f"; BatchNorm statistics recomputed at every point from {m.calibration_examples} training "
                             "images" if recalibrates(m, "interpolation")

@@ -205,6 +205,35 @@ def test_lanczos_survives_repeated_eigenvalues_and_clips_iters(x64):
     assert np.all(res.residuals < 1e-10) and res.converged and res.loss_info == {}
 
 
+def _float32_quadratic(eigenvalues, seed=0):
+    """(loss, params, H) for L(w) = ½wᵀHw in float32 with H's spectrum given (H itself in float64)."""
+    q, _ = np.linalg.qr(np.random.RandomState(seed).randn(len(eigenvalues), len(eigenvalues)))
+    h = q @ np.diag(eigenvalues) @ q.T
+    h32 = jnp.asarray(h, jnp.float32)
+    return (lambda p: 0.5 * p["w"] @ h32 @ p["w"]), {"w": jnp.ones(len(eigenvalues), jnp.float32)}, h
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_float32_residuals_are_the_true_ones_and_decide_converged(method):
+    """In float32 the Lanczos relation's β_m·|s_m| underflows to 0.0 once a pair has converged, and
+    a power iteration whose estimates stop changing can be far from its eigenvector. The reported
+    residuals are ‖Hv − λv‖ of the returned vectors (float32 products: to 1e-6·λmax of the float64
+    value), never 0.0, and `converged` is read from them."""
+    spectrum = np.concatenate([[100.0, 90.0, 80.0, 79.9], np.linspace(50, -5, 96)])  # λ3 ≈ λ4: slow for power
+    loss_fn, params, h = _float32_quadratic(spectrum)
+    iters = 100 if method == "lanczos" else 30
+    res = hessian.top_eigenvalues(loss_fn, params, jax.random.key(0), k=3, method=method, iters=iters, tol=1e-4)
+    vectors = np.asarray(_rows(res.eigenvectors, 3), np.float64)
+    true_residuals = np.linalg.norm(vectors @ h - res.eigenvalues[:, None] * vectors, axis=1)
+    assert np.all(res.residuals > 0), res.residuals
+    np.testing.assert_allclose(res.residuals, true_residuals, rtol=0, atol=1e-6 * spectrum.max())
+    assert res.converged == bool(np.all(res.residuals <= 1e-4 * np.max(np.abs(res.eigenvalues))))
+    if method == "lanczos":
+        assert res.converged
+    else:  # 30 block iterations cannot separate λ3 = 80 from λ4 = 79.9: not converged, and says so
+        assert not res.converged and res.iterations == 30
+
+
 # ---------------------------------------------------------------------------
 # Trace.
 
@@ -311,6 +340,34 @@ def test_preconditioned_top_eigenvalue_matches_dense(mlp):
     assert res.adam_threshold == pytest.approx(38 / lr)  # (2 + 2·0.9)/((1 − 0.9) η)
     assert (res.b1, res.b2, res.eps) == (0.9, 0.999, 1e-8) and res.loss_info == {"subset": "tiny"}
     json.dumps(res.to_dict())
+
+
+def test_preconditioned_leaves_out_coordinates_adam_never_moved(x64):
+    """A parameter with no training gradient (like a bias feeding BatchNorm in train mode) that
+    does change the measured loss: its ν̂ = 0 gives P⁻¹ = 1/ε = 1e8, and with it λmax would be
+    1e8 × its curvature. Left out, λmax is that of the coordinates Adam moves, and it is counted."""
+    rng = np.random.RandomState(0)
+    q, _ = np.linalg.qr(rng.randn(4, 4))
+    a = q @ np.diag([3.0, 1.0, 0.5, 0.1]) @ q.T
+    c = rng.randn(4)
+    train_loss = lambda p: 0.5 * p["w"] @ a @ p["w"] + c @ p["w"]  # noqa: E731
+    measured_loss = lambda p: train_loss(p) + 50.0 * p["b"] @ p["b"]  # noqa: E731
+    params = {"b": jnp.zeros(1), "w": jnp.asarray(rng.randn(4))}
+    tx = optax.adam(0.01)
+    state = tx.init(params)
+    for _ in range(5):
+        updates, state = tx.update(jax.grad(train_loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    nu_w = np.asarray(state[0].nu["w"]) / (1 - 0.999**5)
+    d = 1 / np.sqrt(np.sqrt(nu_w) + 1e-8)
+    want = np.linalg.eigvalsh(d[:, None] * a * d[None, :])[-1]
+    key = jax.random.key(0)
+    res = hessian.preconditioned_top_eigenvalue(measured_loss, params, state, key, iters=5)
+    assert res.eigenvalue == pytest.approx(want, rel=1e-9) and res.excluded == 1 and res.floor == 1e-4
+    every = hessian.preconditioned_top_eigenvalue(measured_loss, params, state, key, iters=5, floor=0.0)
+    assert every.excluded == 0 and every.eigenvalue == pytest.approx(100.0 / 1e-8, rel=1e-6)  # 2·50 / ε
+    with pytest.raises(ValueError, match="floor must be in"):
+        hessian.preconditioned_top_eigenvalue(measured_loss, params, state, key, floor=1.0)
 
 
 @pytest.mark.parametrize("how", ["chain", "inject_hyperparams"])

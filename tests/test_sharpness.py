@@ -96,7 +96,28 @@ def test_average_case_of_a_quadratic_is_half_sigma_squared_trace(x64):
     w_star = jnp.asarray(np.linalg.solve(a, -b))
     result = average_case_sharpness(loss, w_star, 0.3, jax.random.key(1), n=2000)
     assert abs(result.value - 0.5 * 0.09 * np.trace(a)) < 3 * result.standard_error
-    assert result.samples.shape == (2000,)
+    assert result.antithetic and result.samples.shape == (1000,)  # 1,000 pairs ±δ
+
+
+def test_antithetic_pairs_remove_the_linear_terms_variance(x64):
+    """Away from a critical point, L = ½wᵀAw + bᵀw: a pair mean (L(w+δ) + L(w−δ))/2 − L(w) is ½δᵀAδ
+    exactly, so the antithetic samples equal those of the quadratic part alone, while plain draws
+    carry the linear term's variance σ²‖Aw + b‖²."""
+    a, b, _ = _quadratic()
+    w = jnp.asarray(np.random.RandomState(3).randn(a.shape[0]))
+    with_linear = lambda v: 0.5 * v @ a @ v + b @ v  # noqa: E731
+    quadratic_part = lambda v: 0.5 * (v - w) @ a @ (v - w)  # noqa: E731  # the same curvature, zero gradient at w
+    sigma, key = 0.1, jax.random.key(2)
+    pairs = average_case_sharpness(with_linear, w, sigma, key, n=200)
+    curvature = average_case_sharpness(quadratic_part, w, sigma, key, n=200)
+    np.testing.assert_allclose(pairs.samples, curvature.samples, rtol=1e-9, atol=1e-12)
+    plain = average_case_sharpness(with_linear, w, sigma, key, n=200, antithetic=False)
+    assert not plain.antithetic and plain.samples.shape == (200,)
+    gradient_norm = float(jnp.linalg.norm(a @ w + b))
+    # Plain samples' spread is at least the linear term's, σ‖∇L‖ (up to sampling error).
+    assert plain.samples.std() > 0.8 * sigma * gradient_norm > 10 * pairs.samples.std()
+    exact = 0.5 * sigma**2 * np.trace(a)
+    assert abs(pairs.value - exact) < 4 * pairs.standard_error
 
 
 def _relu_mlp(params, x):
@@ -267,7 +288,9 @@ def test_results_are_json_with_the_loss_description(x64):
         (lambda loss, p: worst_case_sharpness(loss, p, 0.1, steps=0), "steps must be >= 1"),
         (lambda loss, p: worst_case_sharpness(loss, p, 0.1, m=4), "m-sharpness needs a loss built by make_loss_fn"),
         (lambda loss, p: average_case_sharpness(loss, p, 0.0, jax.random.key(0)), "sigma must be > 0"),
-        (lambda loss, p: average_case_sharpness(loss, p, 0.1, jax.random.key(0), n=1), "n must be >= 2"),
+        (lambda loss, p: average_case_sharpness(loss, p, 0.1, jax.random.key(0), n=5), "n must be even and >= 4"),
+        (lambda loss, p: average_case_sharpness(loss, p, 0.1, jax.random.key(0), n=1, antithetic=False),
+         "n must be >= 2"),
     ],
 )
 def test_bad_arguments_say_what_to_use(call, message):

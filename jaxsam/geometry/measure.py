@@ -60,8 +60,12 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
     o.rho_adaptive = 0.1  # worst_case_adaptive: L2 ball relative to |w| (Andriushchenko et al. 2023)
     o.ascent_steps = 20
     o.sigma = 0.005  # average_case: per-weight Gaussian standard deviation
-    o.samples = 32
+    o.samples = 32  # average_case: loss evaluations (antithetic: samples/2 pairs ±δ)
+    o.antithetic = True  # average_case: ±δ pairs (the linear term cancels); False: plain Monte Carlo
     o.top_k = 3
+    # preconditioned: coordinates with gradient RMS sqrt(v̂) <= floor x the largest are left
+    # out (Adam never moved them; e.g. biases feeding BatchNorm); 0 keeps every coordinate.
+    o.preconditioned_floor = 1e-4
     o.lanczos_iters = 40
     o.trace_probes = 50
     o.density_order = 60
@@ -257,7 +261,7 @@ def _measure(name, loss_fn, params, run, other, o, key):
         return sharpness.worst_case_sharpness(loss_fn, params, o.rho_adaptive, adaptive=True, steps=o.ascent_steps,
                                               key=key)  # fmt: skip
     if name == "average_case":
-        return sharpness.average_case_sharpness(loss_fn, params, o.sigma, key, n=o.samples)
+        return sharpness.average_case_sharpness(loss_fn, params, o.sigma, key, n=o.samples, antithetic=o.antithetic)
     if name == "first_order":
         return sharpness.first_order_sharpness(loss_fn, params, o.rho)
     if name == "lambda_max":
@@ -271,7 +275,7 @@ def _measure(name, loss_fn, params, run, other, o, key):
         lr = run.learning_rate()
         result = hessian.preconditioned_top_eigenvalue(
             loss_fn, params, run.state.opt_state, key, learning_rate=lr or None, iters=o.lanczos_iters,
-            eps=c.eps, b1=c.b1, b2=c.b2,
+            eps=c.eps, b1=c.b1, b2=c.b2, floor=o.preconditioned_floor,
         )  # fmt: skip
         # The thresholds at the last step's η are huge after a cosine decay to
         # ~0; the ones at the peak η are what training's stability was set by.
@@ -320,7 +324,7 @@ def _headline(name: str, record: dict) -> str:
     if name == "trace":
         return f"{record['trace']:.4g} ± {record['standard_error']:.2g}"
     if name == "preconditioned":
-        return f"{record['eigenvalue']:.4g} (Adam's threshold (2+2b1)/((1-b1)lr) at the peak lr: {record['adam_threshold_at_peak']:.4g})"
+        return f"{record['eigenvalue']:.4g}, {record.get('excluded', 0)} unmoved coordinates left out (Adam's threshold (2+2b1)/((1-b1)lr) at the peak lr: {record['adam_threshold_at_peak']:.4g})"
     if name == "density":
         return f"{len(record['grid'])} grid points"
     if name == "interpolation":

@@ -76,8 +76,8 @@ def make_tracker(
             out["worst_case"] = value
         if "average_case" in measures:
             increases, _ = sharpness.average_case_samples(
-                loss_fn, params, track.sigma, jax.random.split(keys["average_case"], track.samples)
-            )
+                loss_fn, params, track.sigma, jax.random.split(keys["average_case"], track.samples // 2)
+            )  # antithetic pairs, as average_case_sharpness
             out["average_case"] = jnp.mean(increases)
         if "first_order" in measures:
             out["first_order"] = track.rho * optax.tree.norm(jax.grad(loss_fn)(params))
