@@ -1,12 +1,16 @@
 """The study's report: markdown tables, figures and findings, from the collected rows of `jaxsam.study`.
 
 Everything here is a function of saved numbers (the rows of `study.collect`),
-so the same files give the same report. Figures go through `jaxsam.plots`.
+so the same files give the same report. Figures: `jaxsam.report_figures`.
 Findings are written from the numbers by fixed rules (stated in the report):
-a difference between two arms counts as larger than the seed spread when it
-exceeds the larger of the two arms' standard deviations over seeds, and a
-measure "follows" the generalization gap by its Kendall rank correlation τ
-with the gap over all finished runs (Jiang et al. 2020, "Fantastic
+each SAM arm is compared with its base arm on the same network by the
+per-seed differences SAM − base (runs of the same seed paired), stated with
+their Student-t 95 % interval and called "higher" or "lower" only when the
+interval excludes 0, "no difference detected" otherwise
+(`jaxsam.stats.paired_difference`; accuracy and gap in percentage points).
+A measure "follows" the generalization gap by its Kendall rank correlation τ
+with the gap over all finished runs, with a percentile bootstrap interval
+(`jaxsam.stats.kendall_tau_ci`; Jiang et al. 2020, "Fantastic
 generalization measures", rank measures against the gap the same way).
 """
 
@@ -14,24 +18,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import ml_collections
-import numpy as np
-from scipy import stats
 
-from jaxsam import plots
 from jaxsam.geometry.measure import recalibrates
+from jaxsam.stats import HIGHER, LOWER, NO_DIFFERENCE, kendall_tau_ci, paired_difference
 from jaxsam import study as lib  # study imports this module only inside write_report: no cycle
 
-MARKERS = {"resnet18": "o", "vgg16": "s"}
 PERCENT = ("test_accuracy", "train_accuracy", "gap")
 
 
-def _groups(study: ml_collections.ConfigDict) -> list[tuple[str, list[str]]]:
-    """[(base arm, [base arm, its SAM arms...])] in the order of study.arms; SAM arms without their base alone."""
+def _groups(study: ml_collections.ConfigDict, model: str | None = None) -> list[tuple[str, list[str]]]:
+    """[(base arm, [base arm, its SAM arms...])] in the order of study.arms (then, for a model, the arms the plan
+    adds for it: extra_arms); SAM arms without their base alone."""
     arms = [a.strip() for a in study.arms.split(",") if a.strip()]
+    if model is not None:
+        arms += [a for a in dict.fromkeys(s.arm for s in lib.plan(study) if s.model == model) if a not in arms]
     groups: dict[str, list[str]] = {}
     for arm in arms:
         key = lib.ARMS[arm].base if lib.ARMS[arm].base in arms else arm
@@ -60,135 +63,52 @@ def _finite(values) -> list[float]:
 
 
 def kendall_taus(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Kendall τ of each measure with the generalization gap over the runs that have both."""
+    """Kendall τ of each measure with the generalization gap over the runs that have both (3 or more).
+
+    Args:
+      rows: the rows of `study.collect`.
+
+    Returns:
+      {measure: {"tau", "ci_low", "ci_high", "n"}}: τ-b, its percentile bootstrap 95 % interval over runs
+      (`jaxsam.stats.kendall_tau_ci`, 2000 resamples, seed 0) and the number of runs.
+    """
     out = {}
     for key, _, _ in lib.MEASURE_COLUMNS:
         pairs = [(r[key], r["gap"]) for r in rows if "gap" in r and key in r and math.isfinite(r[key])]
         if len(pairs) >= 3:
-            tau = stats.kendalltau(*zip(*pairs)).statistic
-            out[key] = {"tau": float(tau), "n": len(pairs)}
+            result = kendall_tau_ci(*zip(*pairs))
+            out[key] = {"tau": result.tau, "ci_low": result.ci_low, "ci_high": result.ci_high, "n": result.n}
     return out
 
 
-# ---------------------------------------------------------------------------
-# Figures.
+def paired(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """SAM − base over the seeds both arms have, for every network and (base, SAM arm) pair of the study.
 
+    Args:
+      study: the study config (its models, arms and extra arms give the pairs and their order).
+      rows: the rows of `study.collect`.
 
-def _by_epoch(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float], list[float]] | None:
-    """Mean and std over seeds of a per-epoch series, on the epochs every seed has."""
-    series = [r["epochs"] for r in rows if key in r["epochs"]]
-    if not series:
-        return None
-    length = min(len(s["epoch"]) for s in series)
-    epochs = series[0]["epoch"][:length]
-    values = np.array([[np.nan if v is None else v for v in s[key][:length]] for s in series], dtype=float)
-    keep = ~np.all(np.isnan(values), axis=0)
-    if not keep.any():
-        return None
-    scale = 100.0 if key == "test_accuracy" else 1.0
-    mean = scale * np.nanmean(values[:, keep], axis=0)
-    std = scale * (np.nanstd(values[:, keep], axis=0, ddof=1) if len(series) > 1 else np.full(keep.sum(), np.nan))
-    return list(np.array(epochs)[keep]), list(mean), list(std)
-
-
-def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
-    """Writes every figure the rows allow into out_dir; returns {name: path relative to the study folder}."""
-    made: dict[str, str] = {}
-    models, groups = _models(study), _groups(study)
-    folder = os.path.basename(out_dir.rstrip("/"))
-
-    def save(name: str, draw) -> None:
-        path = os.path.join(out_dir, f"{name}.png")
-        draw(path)
-        made[name] = f"{folder}/{name}.png"
-
-    # Per-epoch curves: one panel per model (rows) x optimizer group (columns), base vs SAM.
-    per_epoch = [("test_accuracy", "test accuracy (%)")] + [(k, label) for k, label in lib.TRACKED]
-    for key, ylabel in per_epoch:
-        panels = []
-        for model in models:
-            row = []
-            for base, arms in groups:
-                series = {}
-                for arm in arms:
-                    band = _by_epoch([r for r in rows if (r["model"], r["arm"]) == (model, arm)], key)
-                    if band:
-                        series[_label(arm)] = band
-                row.append((f"{_model_label(model)}, {_label(base)}", series) if series else None)
-            panels.append(row)
-        if any(p for row in panels for p in row):
-            name = "test_accuracy" if key == "test_accuracy" else key.replace("track_", "tracked_")
-            seeds = "mean ± std over seeds" if int(study.seeds) > 1 else "one seed"
-            save(name, lambda path, panels=panels, ylabel=ylabel: plots.plot_band_panels(
-                panels, path, title=f"{ylabel[0].upper() + ylabel[1:]} after each epoch ({seeds})",
-                xlabel="epoch", ylabel=ylabel))  # fmt: skip
-
-    # Each measure against the generalization gap.
-    arms_in_rows = [a for _, arms in groups for a in arms]
-    colours = {arm: f"C{i % 10}" for i, arm in enumerate(arms_in_rows)}
-    taus = kendall_taus(rows)
-    scatter = []
-    for key, label, _ in lib.MEASURE_COLUMNS:
-        points = [{"x": r[key], "y": 100 * r["gap"], "colour": colours[r["arm"]], "marker": MARKERS.get(r["model"], "^"),
-                   "filled": lib.ARMS[r["arm"]].base is None}
-                  for r in rows if key in r and "gap" in r and math.isfinite(r[key])]  # fmt: skip
-        if points:
-            tau = f"  (Kendall τ {taus[key]['tau']:+.2f})" if key in taus else ""
-            scatter.append((f"{label}{tau}", label, points))
-    if scatter:
-        ncols = 3
-        panels = [scatter[i : i + ncols] for i in range(0, len(scatter), ncols)]
-        present = {(r["model"], r["arm"]) for r in rows}
-        legend = [{"label": _label(arm), "colour": colours[arm], "marker": "D", "filled": lib.ARMS[arm].base is None}
-                  for arm in arms_in_rows if any(a == arm for _, a in present)]  # fmt: skip
-        legend += [{"label": _model_label(m), "colour": "0.3", "marker": MARKERS.get(m, "^")} for m in models]
-        save("sharpness_vs_gap", lambda path: plots.plot_scatter_panels(
-            panels, path, title="Sharpness of each final minimum against its generalization gap (one point per run)",
-            ylabel="generalization gap (train − test accuracy, pp)", legend=legend))  # fmt: skip
-
-    # Base -> SAM interpolation, every seed.
-    panels = []
-    for model in models:
-        row = []
-        for base, arms in groups:
-            curves = []
-            for r in sorted((r for r in rows if (r["model"], r["arm"]) == (model, base) and "interpolation" in r),
-                            key=lambda r: r["seed"]):  # fmt: skip
-                for name, curve in r["interpolation"].items():
-                    if isinstance(curve, dict) and not name.startswith("init"):
-                        curves.append((f"seed {r['seed']}", curve))
-            partner = next((a for a in arms if a != base), None)
-            if curves and partner:
-                row.append((f"{_model_label(model)}: {_label(base)} (t=0) → {_label(partner)} (t=1)", curves))
-            else:
-                row.append(None)
-        panels.append(row)
-    if any(p for row in panels for p in row):
-        save("interpolation", lambda path: plots.plot_curve_panels(
-            panels, path, title="Training loss on the straight line from the base minimum to the SAM minimum",
-            xlabel="t"))  # fmt: skip
-
-    # 2-D surfaces (first seed) and spectral densities, one figure per model.
-    for model in models:
-        first = {r["arm"]: r for r in rows if r["model"] == model and r["seed_index"] == 0}
-        panels = [[(_label(a), first[a]["surface_2d"]) if a in first and "surface_2d" in first[a] else None
-                   for a in arms] for _, arms in groups]  # fmt: skip
-        if any(p for row in panels for p in row):
-            save(f"surface_{model}", lambda path, panels=panels, model=model: plots.plot_surface_panels(
-                panels, path, title=f"{_model_label(model)}: training loss around each minimum "
-                                    f"(random filter-normalized directions, seed {min(r['seed'] for r in first.values())})"))  # fmt: skip
-        panels = [[(f"{_model_label(model)}, {_label(base)}",
-                    [(_label(a), first[a]["density"]) for a in arms if a in first and "density" in first[a]])]
-                  for base, arms in groups]  # fmt: skip
-        panels = [[p for p in row if p[1]] for row in panels]
-        panels = [row for row in panels if row]
-        if panels:
-            flat = [p for row in panels for p in row]
-            ncols = 2
-            grid = [flat[i : i + ncols] for i in range(0, len(flat), ncols)]
-            save(f"density_{model}", lambda path, grid=grid, model=model: plots.plot_density_panels(
-                grid, path, title=f"{_model_label(model)}: Hessian spectral density (stochastic Lanczos quadrature)"))  # fmt: skip
-    return made
+    Returns:
+      {model: {"<base>-><sam>": {column: `PairedDifference.to_dict()`}}} for test accuracy, the gap and
+      each measure of `study.MEASURE_COLUMNS` with at least one paired seed; accuracy and gap in pp.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    columns = ["test_accuracy", "gap"] + [key for key, _, _ in lib.MEASURE_COLUMNS]
+    for model in _models(study):
+        for base, sam in [(base, sam) for base, arms in _groups(study, model) for sam in arms if sam != base]:
+            a = {r["seed"]: r for r in rows if (r["model"], r["arm"]) == (model, base)}
+            b = {r["seed"]: r for r in rows if (r["model"], r["arm"]) == (model, sam)}
+            seeds = sorted(set(a) & set(b))
+            cells = {}
+            for key in columns:
+                scale = 100.0 if key in PERCENT else 1.0  # accuracy and gap in pp
+                d = paired_difference([scale * a[s][key] if a[s].get(key) is not None else None for s in seeds],
+                                      [scale * b[s][key] if b[s].get(key) is not None else None for s in seeds])
+                if d.n:
+                    cells[key] = d.to_dict()
+            if cells:
+                out.setdefault(model, {})[f"{base}->{sam}"] = cells
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -219,50 +139,81 @@ def _table(model: str, agg: dict[str, dict[str, Any]], arms: list[str]) -> list[
     return lines
 
 
-def _paired(rows, model, arm_a, arm_b, key) -> tuple[int, int]:
-    """(seeds where arm_b's value is below arm_a's, seeds with both)."""
-    a = {r["seed"]: r.get(key) for r in rows if (r["model"], r["arm"]) == (model, arm_a)}
-    b = {r["seed"]: r.get(key) for r in rows if (r["model"], r["arm"]) == (model, arm_b)}
-    both = [s for s in a if s in b and a[s] is not None and b[s] is not None
-            and math.isfinite(a[s]) and math.isfinite(b[s])]  # fmt: skip
-    return sum(b[s] < a[s] for s in both), len(both)
+def _signed(value: Any, spec: str) -> str:
+    """format(value, spec) with a typographic minus; "—" for None/NaN."""
+    text = "—" if value is None or not math.isfinite(value) else format(value, spec)
+    return "−" + text[1:] if text.startswith("-") else text
 
 
-def _spread_word(delta: float, cell_a, cell_b) -> str:
-    spread = max(cell_a["std"], cell_b["std"])
-    if not math.isfinite(spread):
-        return "one seed, so no spread to compare with"
-    return "larger than the seed spread" if abs(delta) > spread else "within the seed spread"
+def _numbers(d: dict[str, Any], key: str) -> tuple[str, str, str]:
+    """Mean, CI low, CI high as text: pp to 2 decimals, else to 2 digits of the half-width (the mean to 2 figures)."""
+    mean, low, high = d["mean"], d["ci_low"], d["ci_high"]
+    spec = mean_spec = ".2f"
+    if key not in PERCENT:
+        finite = low is not None and high is not None and math.isfinite(high - low) and high > low
+        if finite and max(abs(low), abs(high)) < 1e5:
+            digits = max(0, 1 - math.floor(math.log10((high - low) / 2)))
+            spec = f".{digits}f"
+            mean_spec = f".{max(digits, min(digits + 2, 1 - math.floor(math.log10(abs(mean)))))}f" if mean else spec
+        else:
+            spec = mean_spec = ".3g"
+    return "+" * ((mean or 0) > 0) + _signed(mean, mean_spec), _signed(low, spec), _signed(high, spec)
 
 
-def _pair_findings(rows, agg, model: str, base: str, sam: str) -> tuple[list[str], dict[str, str]]:
-    """Sentences comparing one SAM arm with its base on one model; and {measure: lower|higher}."""
+def _signs(d: dict[str, Any]) -> str:
+    """How many seeds moved which way, most first: "3/3 lower", "2/3 higher, 1/3 lower"."""
+    n = d["n"]
+    counts = [(d["negative"], "lower"), (d["positive"], "higher"), (n - d["positive"] - d["negative"], "equal")]
+    return ", ".join(f"{k}/{n} {word}" for k, word in sorted((c for c in counts if c[0]), key=lambda c: -c[0]))
+
+
+def _clause(label: str, d: dict[str, Any], key: str) -> str:
+    """One finding worded from the interval, e.g. "λmax lower with SAM: −41, 95 % CI [−60, −22], 3/3 seeds"."""
+    mean, low, high = _numbers(d, key)
+    unit = " pp" if key in PERCENT else ""
+    if d["n"] < 2:
+        return f"{label}: no difference detected ({mean}{unit} from one seed, so no interval)"
+    ci = f"95 % CI [{low}, {high}]{unit}"
+    if d["verdict"] == NO_DIFFERENCE:
+        return f"{label}: no difference detected at this scale ({mean}{unit}, {ci}; seeds {_signs(d)})"
+    moved = d["negative"] if d["verdict"] == LOWER else d["positive"]
+    return f"{label} {d['verdict']} with SAM: {mean}{unit}, {ci}, {moved}/{d['n']} seeds"
+
+
+def _paired_table(pairs: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per (comparison, quantity): mean SAM − base, its 95 % interval, the sign count, the verdict."""
+    lines = ["| SAM − base | quantity | mean | 95 % CI | seeds | verdict |", "|---|---|---|---|---|---|"]
+    for name, cells in pairs.items():
+        base, sam = name.split("->")
+        for key, d in cells.items():
+            mean, low, high = _numbers(d, key)
+            ci = f"[{low}, {high}]" if d["n"] >= 2 else "—"
+            quantity = {"test_accuracy": "test accuracy (pp)", "gap": "generalization gap (pp)"}.get(key)
+            lines.append(f"| {_label(sam)} − {_label(base)} | {quantity or _measure_label(key)} | {mean} | {ci} | "
+                         f"{_signs(d)} | {d['verdict']} |")  # fmt: skip
+    return lines
+
+
+def _pair_findings(agg, model: str, base: str, sam: str, cells: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """Sentences comparing one SAM arm with its base on one model, from the paired intervals; {measure: verdict}."""
     a, b = agg[model][base], agg[model][sam]
     lines = []
-    delta = 100 * (b["test_accuracy"]["mean"] - a["test_accuracy"]["mean"])
-    higher, n = _paired(rows, model, sam, base, "test_accuracy")  # seeds where base < sam
-    lines.append(
-        f"Test accuracy {_fmt(a['test_accuracy'], 'test_accuracy')}% → {_fmt(b['test_accuracy'], 'test_accuracy')}% "
-        f"({delta:+.2f} pp; higher with SAM in {higher} of {n} seeds; {_spread_word(delta / 100, a['test_accuracy'], b['test_accuracy'])})."
-    )  # fmt: skip
-    if "gap" in a and "gap" in b:
-        gap_delta = 100 * (b["gap"]["mean"] - a["gap"]["mean"])
-        lines.append(f"Generalization gap {_fmt(a['gap'], 'gap')} → {_fmt(b['gap'], 'gap')} pp ({gap_delta:+.2f} pp).")
-    directions = {}
-    parts = []
-    for key, label, _ in lib.MEASURE_COLUMNS:
-        if key not in a or key not in b or not (math.isfinite(a[key]["mean"]) and math.isfinite(b[key]["mean"])):
-            continue
-        lower, n = _paired(rows, model, base, sam, key)
-        ratio = b[key]["mean"] / a[key]["mean"] if a[key]["mean"] else float("nan")
-        direction = "lower" if b[key]["mean"] < a[key]["mean"] else "higher"
-        directions[key] = direction
-        change = f"{100 * (ratio - 1):+.0f}%" if math.isfinite(ratio) else "n/a"
-        parts.append(f"{label} {direction} ({_fmt(a[key], key)} → {_fmt(b[key], key)}, {change}; "
-                     f"lower in {lower} of {n} seeds)")  # fmt: skip
+    for key, name, unit in (("test_accuracy", "Test accuracy", "%"), ("gap", "Generalization gap", " pp")):
+        if key in cells:
+            label = f"{name} ({_fmt(a.get(key), key)}{unit} → {_fmt(b.get(key), key)}{unit})"
+            lines.append(_clause(label, cells[key], key) + ".")
+    directions = {key: cells[key]["verdict"] for key, _, _ in lib.MEASURE_COLUMNS if key in cells}
+    parts = [_clause(_measure_label(key), cells[key], key) for key in directions]
     if parts:
-        lines.append("With SAM: " + "; ".join(parts) + ".")
+        text = "; ".join(parts)
+        lines.append(text[0].upper() + text[1:] + ".")
     return lines, directions
+
+
+def _tally(verdicts: list[str]) -> str:
+    """"lower on 1, no difference detected on 1 of 2"."""
+    counts = [(verdicts.count(v), v) for v in (HIGHER, LOWER, NO_DIFFERENCE)]
+    return ", ".join(f"{v} on {k}" for k, v in counts if k) + f" of {len(verdicts)}"
 
 
 def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
@@ -348,7 +299,8 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
 def markdown(study, command: str, rows, summary, figures: dict[str, str], planned) -> str:
     """The report text."""
     agg = summary["aggregate"]
-    models, groups = _models(study), _groups(study)
+    models = _models(study)
+    pairs = summary.get("paired") or paired(study, rows)
     out = [
         "# jaxsam study: SGD and Adam, with and without SAM, on CIFAR-10",
         "",
@@ -365,10 +317,14 @@ def markdown(study, command: str, rows, summary, figures: dict[str, str], planne
         if model not in agg:
             continue
         out += [f"## {_model_label(model)}", "",
-                *_table(model, agg[model], [a for _, arms in groups for a in arms]), ""]  # fmt: skip
-    out += ["Mean ± standard deviation over seeds (n − 1 in the denominator; no ± with one seed). "
-            "Sharpness values are increases of the cross-entropy loss (nats); λmax and trace in loss units per "
-            "squared parameter step.", ""]  # fmt: skip
+                *_table(model, agg[model], [a for _, arms in _groups(study, model) for a in arms]), ""]  # fmt: skip
+        if pairs.get(model):
+            out += [*_paired_table(pairs[model]), ""]
+    out += ["First table: mean ± standard deviation over seeds (n − 1 in the denominator; no ± with one seed). "
+            "Second table: SAM − base over runs of the same seed, its Student-t 95 % interval "
+            "(mean ± t(0.975, n − 1) · sd / √n; none with one seed) and how many seeds moved which way; accuracy and gap in pp. Sharpness "
+            "values are increases of the cross-entropy loss (nats); λmax and trace in loss units per squared "
+            "parameter step.", ""]  # fmt: skip
 
     if figures:
         out += ["## Figures", ""]
@@ -390,47 +346,51 @@ def markdown(study, command: str, rows, summary, figures: dict[str, str], planne
             out += [f"![{name}]({path})", "", f"*{caption}*", ""]
 
     out += ["## Findings", "",
-            "Written from the numbers above by fixed rules: a difference counts as larger than the seed spread when it "
-            "exceeds the larger of the two arms' standard deviations (a rough guide, not a significance test); "
-            "\"lower in k of n seeds\" pairs runs of the same seed.", ""]  # fmt: skip
+            "Written from the numbers above by fixed rules: a quantity is higher or lower with SAM only when the "
+            "Student-t 95 % interval of the mean SAM − base difference (runs of the same seed paired) excludes 0, "
+            "otherwise \"no difference detected\" (always so with one seed): with few seeds the intervals are wide, "
+            "and no difference detected is not evidence of no effect.", ""]  # fmt: skip
     disagreements = []
-    answers: dict[str, list[float]] = {}
-    for model in models:
-        for base, arms in groups:
-            for sam in arms:
-                if sam == base or model not in agg or base not in agg[model] or sam not in agg[model]:
-                    continue
-                lines, directions = _pair_findings(rows, agg, model, base, sam)
-                out += [f"**{_model_label(model)}, {_label(base)} vs {_label(sam)}.** " + " ".join(lines), ""]
+    answers: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for model, comparisons in pairs.items():
+        for name, cells in comparisons.items():
+            base, sam = name.split("->")
+            lines, directions = _pair_findings(agg, model, base, sam, cells)
+            n = max(d["n"] for d in cells.values())
+            out += [f"**{_model_label(model)}, {_label(base)} vs {_label(sam)}** (SAM − base over {n} paired "
+                    f"seed{'s' * (n != 1)}). " + " ".join(lines), ""]  # fmt: skip
+            if "test_accuracy" in cells:
                 answers.setdefault(f"{_label(base)} → {_label(sam)}", []).append(
-                    (agg[model][sam]["test_accuracy"]["mean"] - agg[model][base]["test_accuracy"]["mean"], directions))
-                lower = [k for k, d in directions.items() if d == "lower"]
-                higher = [k for k, d in directions.items() if d == "higher"]
-                if lower and higher:
-                    disagreements.append(
-                        f"{_model_label(model)}, {_label(sam)}: lower {', '.join(_measure_label(k) for k in lower)}; "
-                        f"higher {', '.join(_measure_label(k) for k in higher)}"
-                    )
+                    (cells["test_accuracy"]["verdict"], directions))
+            lower = [k for k, d in directions.items() if d == LOWER]
+            higher = [k for k, d in directions.items() if d == HIGHER]
+            if lower and higher:
+                disagreements.append(
+                    f"{_model_label(model)}, {_label(sam)}: lower {', '.join(_measure_label(k) for k in lower)}; "
+                    f"higher {', '.join(_measure_label(k) for k in higher)}"
+                )
     if answers:
         parts = []
         for name, results in answers.items():
-            deltas = [d for d, _ in results]
-            text = (f"{name}: test accuracy {100 * np.mean(deltas):+.2f} pp on average over {len(results)} "
-                    f"network(s), higher on {sum(d > 0 for d in deltas)}")  # fmt: skip
+            text = f"{name}: test accuracy {_tally([v for v, _ in results])} network(s)"
             for key in ("worst_case", "average_case", "lambda_max"):
                 moved = [dirs[key] for _, dirs in results if key in dirs]
                 if moved:
-                    text += f"; {_measure_label(key)} lower on {moved.count('lower')} of {len(moved)}"
+                    text += f"; {_measure_label(key)} {_tally(moved)}"
             parts.append(text)
-        out += ["**Does SAM help Adam as well as SGD?** " + ". ".join(parts) + ".", ""]
+        out += ["**Does SAM help Adam as well as SGD?** By the intervals above, per network: " + ". ".join(parts)
+                + ".", ""]  # fmt: skip
     if disagreements:
-        out += ["**Where the measures disagree** (SAM moved them in opposite directions): "
+        out += ["**Where the measures disagree** (SAM moved them in opposite directions, both intervals excluding 0): "
                 + "; ".join(disagreements) + ".", ""]  # fmt: skip
     taus = summary.get("kendall_tau", {})
     if taus:
         out += ["**Which measure follows the generalization gap.** Kendall τ between each measure and the gap over "
-                "all runs that have both (1: same order, 0: unrelated, −1: reversed): "
-                + "; ".join(f"{_measure_label(k)} {v['tau']:+.2f} (n = {v['n']})" for k, v in taus.items())
+                "all runs that have both (1: same order, 0: unrelated, −1: reversed), with a percentile bootstrap "
+                "95 % interval (2000 resamples of the runs with replacement, seed 0): "
+                + "; ".join(f"{_measure_label(k)} {_signed(v['tau'], '+.2f')}, 95 % CI "
+                            f"[{_signed(v['ci_low'], '+.2f')}, {_signed(v['ci_high'], '+.2f')}] (n = {v['n']})"
+                            for k, v in taus.items())
                 + ".", ""]  # fmt: skip
     gaps = _finite(r.get("gap") for r in rows)
     if gaps:

@@ -1,14 +1,16 @@
 """The study: a grid of training runs, each final minimum measured, turned into a report.
 
 `run_study(study, study_dir)` trains every (model, arm, seed) of the grid in
-its own run folder through `train_and_evaluate`, measures each final
+its own run folder through `train_and_evaluate` (as submitit jobs, see
+`jaxsam.jobs`: in this process, as local processes or on SLURM), measures each final
 checkpoint with `measure_run` (sharpness, λmax, trace, preconditioned λmax
 for Adam, the interpolation from each base minimum to its SAM minimum, and
 for the first seed(s) the spectral density and a 2-D surface), then writes
 
-    <study_dir>/study.json           the study config and the command that made it
-    <study_dir>/runs/<model>/<arm>/seed<k>/   each run (config.json, metrics.jsonl, checkpoints/, geometry/)
-    <study_dir>/report.md            tables (mean ± std over seeds), figures, findings
+    <study_dir>/study.json           the study config, the command that made it, each run's code version
+    <study_dir>/runs/<model>/<arm>/seed<k>/   each run (config.json, metrics.jsonl, checkpoints/, geometry/,
+                                              provenance.json: commit, host, devices, seconds)
+    <study_dir>/report.md            tables (mean ± std over seeds; paired SAM − base differences with 95% CIs), figures, findings
     <study_dir>/summary.json         every run's numbers, the aggregates, the timings
     <study_dir>/figures/*.png
 
@@ -32,9 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
-import sys
-import time
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -142,6 +141,7 @@ def check_study(study: ml_collections.ConfigDict) -> None:
     _names(study.arms, ARMS, "arms")
     if int(study.seeds) < 1:
         raise ValueError(f"study.seeds must be >= 1 (got {study.seeds})")
+    extra_runs(study)
     for field in ("measures", "figure_measures"):
         value = study.measure.measures if field == "measures" else study.figure_measures
         if value.strip():
@@ -150,17 +150,31 @@ def check_study(study: ml_collections.ConfigDict) -> None:
         raise ValueError(f"study.run is a {study.run.size!r} config but the study is {study.size!r}: use one size")
 
 
+def extra_runs(study: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """The (model, arm) pairs of `study.extra_arms` ("resnet18:original_adam,..."), run for every seed too."""
+    pairs = []
+    for item in [i.strip() for i in study.get("extra_arms", "").split(",") if i.strip()]:
+        model, _, arm = item.partition(":")
+        if model not in MODELS or arm not in ARMS:
+            raise ValueError(f"study.extra_arms has {item!r}: use model:arm with a model of {', '.join(MODELS)} "
+                             f"and an arm of {', '.join(ARMS)} (e.g. resnet18:original_adam)")  # fmt: skip
+        if (model, arm) in pairs:
+            raise ValueError(f"study.extra_arms names {item!r} twice: list each once")
+        pairs.append((model, arm))
+    return pairs
+
+
 def plan(study: ml_collections.ConfigDict) -> list[RunSpec]:
-    """Every run of the grid, seed by seed (all arms of seed 0 first), so a partial study is balanced."""
+    """Every run of the grid, seed by seed (all arms of seed 0 first), so a partial study is balanced.
+
+    The grid is models x arms, then the `extra_arms` pairs (model:arm) not already in it.
+    """
     check_study(study)
     models = _names(study.models, MODELS, "models")
     arms = _names(study.arms, ARMS, "arms")
-    return [
-        RunSpec(model, arm, seed, index)
-        for index, seed in enumerate(range(int(study.seeds)))
-        for model in models
-        for arm in arms
-    ]
+    grid = [(model, arm) for model in models for arm in arms]
+    grid += [pair for pair in extra_runs(study) if pair not in grid]
+    return [RunSpec(model, arm, seed, index) for index, seed in enumerate(range(int(study.seeds))) for model, arm in grid]
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -218,12 +232,17 @@ def _epoch_records(workdir: str) -> list[dict[str, Any]]:
         return [r for r in (json.loads(line) for line in f if line.strip()) if "test_accuracy" in r]
 
 
-def is_trained(workdir: str, config: ml_collections.ConfigDict) -> bool:
-    """True when the run's last epoch is logged and its final checkpoint is on disk."""
+def training_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True when the run's last epoch is logged (its checkpoints may be elsewhere: a run copied from another machine)."""
     records = _epoch_records(workdir)
-    if not records or records[-1]["epoch"] != config.train.num_epochs or not records[-1].get("epoch_done"):
+    return bool(records) and records[-1]["epoch"] == config.train.num_epochs and bool(records[-1].get("epoch_done"))
+
+
+def is_trained(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True when training is finished and its final checkpoint is on disk (so the run can be measured)."""
+    if not training_finished(workdir, config):
         return False
-    step_dir = os.path.join(workdir, "checkpoints", str(records[-1]["step"]))
+    step_dir = os.path.join(workdir, "checkpoints", str(_epoch_records(workdir)[-1]["step"]))
     return os.path.isdir(step_dir)
 
 
@@ -238,7 +257,13 @@ def _geometry(workdir: str) -> dict[str, Any] | None:
 def is_measured(workdir: str, options: ml_collections.ConfigDict, compare_to: str | None) -> bool:
     """True when geometry.json was made with these options (and interpolation partner)."""
     saved = _geometry(workdir)
-    return saved is not None and saved.get("options") == options.to_dict() and saved.get("compare_to") == compare_to
+    if saved is None or saved.get("options") != options.to_dict():
+        return False
+    # The partner is the same run of the study wherever the folder now is (runs copied between machines):
+    # compare its runs/<model>/<arm>/seed<k> tail, not the absolute path the measurement was made at.
+    theirs, ours = saved.get("compare_to"), compare_to
+    tail = lambda path: os.path.normpath(path).split(os.sep)[-4:]  # noqa: E731
+    return theirs == ours or (theirs is not None and ours is not None and tail(theirs) == tail(ours))
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +289,7 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
         from jaxsam.geometry.measure import measure_options as measure_defaults
         from jaxsam.train import _flat as flat
 
-        grid = ("models", "arms", "seeds", "figure_seeds", "figure_measures")
+        grid = ("models", "arms", "extra_arms", "seeds", "figure_seeds", "figure_measures")
         old, new = flat(ml_collections.ConfigDict(saved["study"])), flat(study)
         # A run or measure field the saved study predates counts as its default (older study folders resume).
         size = old.get("run.size", "full")
@@ -297,91 +322,31 @@ def _minutes(seconds: float) -> str:
 
 
 def _timings(study_dir: str) -> dict[str, dict[str, float]]:
+    """{run path: {"train_seconds", "measure_seconds"}}: each run's provenance.json (timings.json of older studies)."""
+    out: dict[str, dict[str, float]] = {}
     path = os.path.join(study_dir, "timings.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    if os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
+    study, _ = read_study(study_dir)
+    for spec in plan(study):
+        provenance = os.path.join(study_dir, spec.path, "provenance.json")
+        if os.path.exists(provenance):
+            with open(provenance) as f:
+                seconds = {k: v for k, v in json.load(f).items() if k.endswith("_seconds")}
+            out.setdefault(spec.path, {}).update(seconds)
+    return out
 
 
-def run_study(
-    study: ml_collections.ConfigDict,
-    study_dir: str,
-    *,
-    command: str | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+def run_study(study: ml_collections.ConfigDict, study_dir: str, **options: Any) -> dict[str, Any]:
     """Trains and measures every run of the study that is not done yet, then writes the report.
 
-    Args:
-      study: a configs/study.py config.
-      study_dir: the study folder (created).
-      command: the command line recorded in study.json and the report (default: sys.argv).
-      log: where progress lines go (one per finished training or measurement).
-
-    Returns:
-      The summary written to summary.json.
+    See `jaxsam.jobs.run_study` for the options (executor "inline", "local"
+    or "slurm", parallel jobs, SLURM resources).
     """
-    from jaxsam.geometry.measure import measure_run
-    from jaxsam.train import train_and_evaluate
+    from jaxsam import jobs
 
-    specs = plan(study)
-    os.makedirs(study_dir, exist_ok=True)
-    _check_or_write_study(study, study_dir, command or shlex.join(["python", *sys.argv]))
-    timings = _timings(study_dir)
-
-    def save_timing(spec: RunSpec, key: str, seconds: float) -> None:
-        timings.setdefault(spec.path, {})[key] = seconds
-        _write_json(os.path.join(study_dir, "timings.json"), timings)
-
-    workdirs = {spec: os.path.join(study_dir, spec.path) for spec in specs}
-    configs = {spec: run_config(study, spec) for spec in specs}
-    steps = len(specs) * 2
-    done = sum(is_trained(workdirs[s], configs[s]) for s in specs)
-    done += sum(_measured(s, specs, study, workdirs) for s in specs)
-    spent: list[float] = []  # seconds of the work done in this call, for the estimate
-    study_start = time.time()
-    log(f"study {study_dir}: {len(specs)} runs ({study.models} x {study.arms} x {study.seeds} seeds), "
-        f"{done}/{steps} steps (trainings + measurements) already done")  # fmt: skip
-
-    def report_progress(what: str, seconds: float) -> None:
-        nonlocal done
-        done += 1
-        spent.append(seconds)
-        left = steps - done
-        eta = f", about {_minutes(left * np.mean(spent))} to go" if left else ""
-        log(f"[{done}/{steps}] {what} ({_minutes(seconds)}){eta}")
-
-    def measure_ready() -> None:
-        for spec in specs:
-            if not is_trained(workdirs[spec], configs[spec]) or _measured(spec, specs, study, workdirs):
-                continue
-            partner = interpolation_partner(specs, spec)
-            if partner is not None and not is_trained(workdirs[partner], configs[partner]):
-                continue  # measured once its SAM partner is trained (base -> SAM interpolation)
-            start = time.time()
-            results = measure_run(
-                workdirs[spec], measure_options(study, spec), progress=False, log=lambda line: None,
-                compare_to=workdirs[partner] if partner else None,
-            )  # fmt: skip
-            seconds = time.time() - start
-            save_timing(spec, "measure_seconds", seconds)
-            headline = _measure_headline(results)
-            report_progress(f"measured {spec.name}: {headline}", seconds)
-
-    measure_ready()  # anything trained before an interruption
-    for spec in specs:
-        if is_trained(workdirs[spec], configs[spec]):
-            continue
-        start = time.time()
-        record = train_and_evaluate(configs[spec], workdirs[spec])
-        seconds = time.time() - start
-        save_timing(spec, "train_seconds", timings.get(spec.path, {}).get("train_seconds", 0.0) + seconds)
-        report_progress(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
-        measure_ready()
-    summary = write_report(study_dir)
-    log(_one_line_summary(summary, time.time() - study_start))
-    return summary
+    return jobs.run_study(study, study_dir, **options)
 
 
 def _measured(spec: RunSpec, specs: list[RunSpec], study, workdirs) -> bool:
@@ -432,7 +397,7 @@ def collect(study_dir: str) -> list[dict[str, Any]]:
         if not os.path.exists(os.path.join(workdir, "config.json")):
             continue
         config = read_config(workdir)
-        if not is_trained(workdir, config):
+        if not training_finished(workdir, config):
             continue
         epochs = _epoch_records(workdir)
         row: dict[str, Any] = {
@@ -502,8 +467,19 @@ def _one_line_summary(summary: dict[str, Any], seconds: float) -> str:
 
 
 def write_report(study_dir: str) -> dict[str, Any]:
-    """Writes report.md, summary.json and figures/ from the study's saved files; returns the summary."""
-    from jaxsam import report
+    """Writes report.md, summary.json and figures/ from the study's saved files; returns the summary.
+
+    Args:
+      study_dir: the study folder (with study.json and runs/).
+
+    Returns:
+      The summary written to summary.json: the runs, their aggregates over seeds, "kendall_tau" (each
+      measure against the gap, with a bootstrap 95 % interval) and "paired": {model: {"<base>-><sam>":
+      {column: {mean, ci_low, ci_high, n, positive, negative, verdict, level}}}}, SAM − base over the
+      seeds both arms have, with the Student-t 95 % interval (`jaxsam.stats.paired_difference`);
+      accuracy and gap columns there are in percentage points, the aggregates' in fractions.
+    """
+    from jaxsam import report, report_figures
 
     study, command = read_study(study_dir)
     rows = collect(study_dir)
@@ -519,7 +495,8 @@ def write_report(study_dir: str) -> dict[str, Any]:
         "report": os.path.join(study_dir, "report.md"),
     }
     summary["kendall_tau"] = report.kendall_taus(rows)
-    figures = report.figures(study, rows, os.path.join(study_dir, "figures"))
+    summary["paired"] = report.paired(study, rows)
+    figures = report_figures.figures(study, rows, os.path.join(study_dir, "figures"))
     text = report.markdown(study, command, rows, summary, figures, planned)
     with open(os.path.join(study_dir, "report.md.tmp"), "w") as f:
         f.write(text)

@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder made by scripts/trai
 _COMPARE = flags.DEFINE_string(
     "compare_to", None, "another run of the same network: adds the interpolation between the two minima"
 )
-_SIZE = flags.DEFINE_enum("size", None, ["full", "cpu", "smoke"], "option defaults (default: the run's config size)")
+_SIZE = flags.DEFINE_enum("size", None, ["full", "fit", "cpu", "smoke"], "option defaults (default: the run's config size)")
 
 def _all_options():
     from jaxsam.geometry.measure import measure_options

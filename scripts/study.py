@@ -1,10 +1,15 @@
-"""Run the study: python scripts/study.py --config configs/study.py[:cpu|:smoke] [--workdir DIR] [--report_only].
+"""Run the study: python scripts/study.py --config configs/study.py[:fit|:cpu|:smoke] [--workdir DIR] [--report_only].
 
 Trains every (model, arm, seed) of the grid in <workdir>/runs/..., measures
 each final checkpoint, and writes <workdir>/report.md, summary.json and
 figures/. Rerunning the same command skips what is done and resumes what was
 interrupted; --report_only remakes the report from the saved files alone.
 Default workdir: runs/study[_<size>].
+
+Jobs (a base arm with its SAM arms, one seed) run through submitit:
+    --executor=local [--parallel=2]      each job in its own process on this machine (default)
+    --executor=slurm --slurm_partition=gpu --slurm_time=240 --slurm_gpus=1 [--slurm_cpus=8 --slurm_mem_gb=64]
+    --executor=inline                    in this process, one job after the other
 """
 
 from __future__ import annotations
@@ -22,15 +27,26 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxsam/xla", "folder of JAX's persistent compilation cache ('' turns it off)"
 )
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "remake report.md, summary.json and figures from saved files")
+_EXPORT = flags.DEFINE_string("export", None, "afterwards copy the report and every run's small files (no checkpoints) here")
+_EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "slurm", "inline"], "where the jobs run (submitit)")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "local executor: jobs running at once")
+_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", "", "SLURM partition ('' for the default)")
+_SLURM_TIME = flags.DEFINE_integer("slurm_time", 240, "SLURM time limit of one job, minutes")
+_SLURM_GPUS = flags.DEFINE_integer("slurm_gpus", 1, "GPUs per SLURM job")
+_SLURM_CPUS = flags.DEFINE_integer("slurm_cpus", 8, "CPU cores per SLURM job")
+_SLURM_MEM = flags.DEFINE_integer("slurm_mem_gb", 0, "memory per SLURM job in GB (0: the partition's default)")
+_SLURM_ACCOUNT = flags.DEFINE_string("slurm_account", "", "SLURM account ('' for none)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config=... --workdir=...")
     logging.set_verbosity(logging.WARNING)
-    from jaxsam import data, parallel, study
+    from jaxsam import data, jobs, parallel, study
 
-    parallel.use_compilation_cache(_CACHE.value)
+    cache = parallel.use_compilation_cache(_CACHE.value)
+    if cache:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # the jobs' processes use it too
     if _CONFIG.value is None and not (_REPORT_ONLY.value and _WORKDIR.value):
         print("error: --config is required (e.g. --config configs/study.py:cpu), "
               "or --report_only with --workdir", file=sys.stderr)  # fmt: skip
@@ -41,12 +57,24 @@ def main(argv):
         if _REPORT_ONLY.value:
             summary = study.write_report(workdir)
             print(f"report: {summary['report']} ({summary['runs_done']}/{summary['runs_planned']} runs)")
+            _export(jobs, workdir)
             return 0
-        study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]))
+        slurm = jobs.SlurmOptions(partition=_SLURM_PARTITION.value, time_min=_SLURM_TIME.value,
+                                  gpus_per_node=_SLURM_GPUS.value, cpus_per_task=_SLURM_CPUS.value,
+                                  mem_gb=_SLURM_MEM.value, account=_SLURM_ACCOUNT.value)  # fmt: skip
+        study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]),
+                        executor=_EXECUTOR.value, parallel=_PARALLEL.value, slurm=slurm)  # fmt: skip
+        _export(jobs, workdir)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _export(jobs, workdir: str) -> None:
+    if _EXPORT.value:
+        copied = jobs.export_small_files(workdir, _EXPORT.value)
+        print(f"exported {len(copied)} files to {_EXPORT.value}")
 
 
 if __name__ == "__main__":

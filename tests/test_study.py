@@ -59,6 +59,27 @@ def test_the_default_grid_is_models_by_optimizers_by_sam_by_seeds():
     assert len(study_lib.plan(cpu)) == 16 and study_config("smoke").seeds == 1
 
 
+def test_the_fit_grid_adds_the_original_adam_setting_on_resnet18_and_jobs_pair_base_with_sam():
+    from jaxsam import jobs
+
+    study = study_config("fit")
+    specs = study_lib.plan(study)
+    assert len(specs) == (2 * 4 + 2) * 3
+    seed0 = [(s.model, s.arm) for s in specs if s.seed == 0]
+    assert seed0[-2:] == [("resnet18", "original_adam"), ("resnet18", "original_adam_asam")]
+    config = study_lib.run_config(study, specs[0])
+    assert (config.data.n_train, config.train.num_epochs, config.data.crop_padding, config.model.width) == (
+        5000, 40, 0, 0.125)
+    assert study.measure.n_examples == 1024 and study.measure.antithetic
+    # One job per (model, seed, base arm): the SAM run measured with its base (the interpolation needs both).
+    grouped = jobs.group_jobs(specs)
+    assert len(grouped) == 5 * 3 and sorted(len(j) for j in grouped) == [2] * 15
+    assert [(s.arm, s.seed) for s in grouped[0]] == [("sgd", 0), ("sgd_sam", 0)]
+    assert [s.arm for s in grouped[4]] == ["original_adam", "original_adam_asam"]
+    alone = jobs.group_jobs(study_lib.plan(study_config("smoke", arms="sgd_sam,adam")))
+    assert [[s.arm for s in j] for j in alone] == [["sgd_sam"], ["adam"]]
+
+
 def test_each_arm_gets_its_optimizer_and_the_study_overrides_apply_to_all():
     study = study_config("cpu", **{"run.train.num_epochs": 5, "arms": "sgd,adam_sam,original_adam_asam"})
     configs = {s.arm: study_lib.run_config(study, s) for s in study_lib.plan(study) if s.seed == 1}
@@ -91,6 +112,9 @@ def test_figure_measures_run_on_the_first_seed_only_and_bases_interpolate_to_the
         ({"seeds": 0}, "study.seeds must be >= 1"),
         ({"arms": "sgd,sgd"}, "study.arms names an entry twice"),
         ({"figure_measures": "hessian"}, "study.figure_measures has unknown ['hessian']"),
+        ({"extra_arms": "resnet50:sgd"}, "study.extra_arms has 'resnet50:sgd': use model:arm"),
+        ({"extra_arms": "vgg16:lion"}, "study.extra_arms has 'vgg16:lion': use model:arm"),
+        ({"extra_arms": "vgg16:sgd,vgg16:sgd"}, "study.extra_arms names 'vgg16:sgd' twice"),
     ],
 )
 def test_bad_study_configs_are_one_line_errors(overrides, message):
@@ -144,8 +168,11 @@ def test_study_trains_measures_and_reports_every_arm(finished_study):
     row = next(line for line in report.splitlines() if line.startswith("| SGD + SAM |"))
     assert row.startswith(f"| SGD + SAM | 1 | {100 * sam['test_accuracy']:.2f} | {100 * sam['train_accuracy']:.2f} |")
     assert f"{sam['worst_case']:.3g}" in row and f"{sam['lambda_max']:.3g}" in row
-    delta = 100 * (sam["test_accuracy"] - sgd["test_accuracy"])
-    assert f"({delta:+.2f} pp; higher with SAM in {int(delta > 0)} of 1 seeds" in report
+    delta = 100 * sam["test_accuracy"] - 100 * sgd["test_accuracy"]  # as the report computes it, in pp
+    paired = summary["paired"]["resnet18"]["sgd->sgd_sam"]["test_accuracy"]
+    assert paired["mean"] == delta and paired["n"] == 1 and paired["verdict"] == "no difference detected"
+    signed = ("+" if delta > 0 else "") + f"{delta:.2f}".replace("-", "−")
+    assert f"no difference detected ({signed} pp from one seed, so no interval)" in report
 
 
 @pytest.mark.xdist_group("finished_study")
@@ -175,13 +202,16 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     command = [sys.executable, os.path.join(ROOT, "scripts", "study.py"),
                f"--config={os.path.join(ROOT, 'configs', 'study.py')}:smoke", "--workdir", folder, *_flags(TINY)]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The default executor runs the job in a child process (submitit's local executor): the kill
+    # takes the whole process group, as a crash or a closed terminal would.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
     second = os.path.join(folder, "runs", "resnet18", "sgd_sam", "seed0", "config.json")
     deadline = time.time() + 600
     while not os.path.exists(second) and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert process.poll() is None, process.stdout.read()[-2000:]
-    process.send_signal(signal.SIGKILL)  # the first arm is trained, the second has just started
+    os.killpg(process.pid, signal.SIGKILL)  # the first arm is trained, the second has just started
     process.wait()
     first_metrics = os.path.join(folder, "runs", "resnet18", "sgd", "seed0", "metrics.jsonl")
     stamp = os.stat(first_metrics).st_mtime_ns
@@ -202,6 +232,42 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     resumed = json.load(open(os.path.join(folder, "summary.json")))["runs"]
     for a, b in zip(reference, resumed):
         np.testing.assert_equal(a, b)
+
+
+@pytest.mark.xdist_group("finished_study")
+def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_code_version(finished_study, tmp_path):
+    """A study folder made of another machine's small files (no checkpoints) is done and reports the same;
+    study.json names the commit each run was made with; a copied run whose measures are not the study's
+    cannot be finished without its checkpoint, and says so before anything is written."""
+    import shutil
+
+    from jaxsam import jobs
+
+    source, _, _ = finished_study
+    saved = json.load(open(os.path.join(source, "study.json")))
+    assert set(saved["runs"]) == {os.path.join("runs", "resnet18", a, "seed0") for a in ("sgd", "sgd_sam")}
+    for record in saved["runs"].values():
+        assert record["train"]["commit"] == jobs.code_version()["commit"] and record["train_seconds"] > 0
+        assert record["measure"]["devices"].startswith("1 x ") and record["measure_seconds"] > 0
+    folder = str(tmp_path / "merged")
+    small = shutil.ignore_patterns("checkpoints", "*.png", "*.lock")
+    for arm in ("sgd", "sgd_sam"):
+        path = os.path.join("runs", "resnet18", arm, "seed0")
+        shutil.copytree(os.path.join(source, path), os.path.join(folder, path), ignore=small)
+    shutil.copy(os.path.join(source, "study.json"), folder)
+    lines = []
+    study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)",
+                        log=lines.append)  # fmt: skip
+    assert lines[0].endswith("4/4 steps (trainings + measurements) already done") and len(lines) == 2
+    def body(path):
+        return open(os.path.join(path, "report.md")).read().split("\n", 3)[3]
+
+    assert body(folder) == body(source)
+    before = {name: open(os.path.join(folder, name)).read() for name in ("study.json", "report.md")}
+    with pytest.raises(ValueError, match=r"has finished training but no final checkpoint, and its geometry is not "
+                                         r"measured with this study's options: copy its checkpoints/ too"):
+        study_lib.run_study(study_config("smoke", **{**TINY, "measure.ascent_steps": 3}), folder, log=lines.append)
+    assert {name: open(os.path.join(folder, name)).read() for name in before} == before
 
 
 def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path):

@@ -1,0 +1,372 @@
+"""The study's jobs, run through submitit: in this process, as local processes, or on SLURM.
+
+A job is one (model, seed) of the grid: a base arm together with the SAM arms
+paired with it (sgd with sgd_sam, adam with adam_sam, ...), so the job that
+measures the base minimum has its SAM partner's checkpoint for the
+base -> SAM interpolation; an arm without a partner is a job of its own.
+`run_job` trains and measures what its job has not finished; `run_study`
+hands the unfinished jobs to an executor, logs each finished step, and
+writes the report.
+
+    inline   every job in this process, one after the other (the tests, a debugger)
+    local    submitit's LocalExecutor: each job in its own process, `parallel` at a time
+    slurm    submitit's SlurmExecutor: one SLURM job per study job (`SlurmOptions`)
+
+A run folder's small files (config.json, metrics.jsonl, geometry/geometry.json,
+provenance.json) are all the report needs, so runs finished on other machines
+can be copied into a study folder: a copied run whose config is the study's
+and whose measures were made with the study's options counts as done
+without its checkpoints. Each run's provenance.json (code version, host,
+devices, seconds) is gathered into study.json under "runs".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+
+from jaxsam import study as study_lib
+from jaxsam.study import RunSpec
+
+EXECUTORS = ("inline", "local", "slurm")
+PROVENANCE = "provenance.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmOptions:
+    """Resources of each SLURM job (submitit's `slurm_*` parameters).
+
+    Attributes:
+      partition: the SLURM partition ("" for the cluster's default).
+      time_min: wall-clock limit of one job in minutes (a job is one base arm and its SAM arms).
+      gpus_per_node: GPUs of the job (jaxsam uses every device it sees).
+      cpus_per_task: CPU cores of the job.
+      mem_gb: memory in GB (0: the partition's default).
+      account: the SLURM account ("" for none).
+      array_parallelism: at most this many jobs of the study run at once.
+    """
+
+    partition: str = ""
+    time_min: int = 240
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 0
+    account: str = ""
+    array_parallelism: int = 64
+
+
+def group_jobs(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, ...]]:
+    """The plan's runs as jobs: each base arm with the SAM arms paired with it (same model and seed)."""
+    jobs, placed = [], set()
+    for spec in specs:
+        if spec in placed:
+            continue
+        partners = tuple(o for o in specs if o not in placed and (o.model, o.seed) == (spec.model, spec.seed)
+                         and study_lib.ARMS[o.arm].base == spec.arm)  # fmt: skip
+        job = (spec, *partners) if study_lib.ARMS[spec.arm].base is None else (spec,)
+        placed.update(job)
+        jobs.append(job)
+    return jobs
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the jaxsam source in use and whether it had local changes ("unknown" outside git)."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()  # fmt: skip
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "."))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def _provenance_path(workdir: str) -> str:
+    return os.path.join(workdir, PROVENANCE)
+
+
+def read_provenance(workdir: str) -> dict[str, Any]:
+    path = _provenance_path(workdir)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _record(workdir: str, key: str, seconds: float) -> None:
+    """Adds `seconds` to the run's `key` and stamps the code, host and devices that did the work."""
+    import jax
+
+    record = read_provenance(workdir)
+    record[key] = record.get(key, 0.0) + seconds
+    devices = jax.devices()
+    record[key.replace("_seconds", "")] = {
+        **code_version(), "host": socket.gethostname(), "jax": jax.__version__,
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+    }  # fmt: skip
+    study_lib._write_json(_provenance_path(workdir), record)
+
+
+@contextlib.contextmanager
+def _job_lock(study_dir: str, job: Sequence[RunSpec], log: Callable[[str], None]) -> Iterator[None]:
+    """Holds the job's lock file, so a job still running from an earlier (killed) start is waited for."""
+    folder = os.path.join(study_dir, "jobs")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, job[0].path.replace(os.sep, "_") + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process still working on {job[0].name}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float], None] | None = None) -> list:
+    """Trains and measures the runs `paths` (one job of the study in `study_dir`) that are not done.
+
+    Args:
+      study_dir: a study folder with its study.json.
+      paths: the runs' folders relative to it (`RunSpec.path`), a job of `group_jobs`.
+      on_step: called with (what, seconds) after each training or measurement.
+
+    Returns:
+      [(what, seconds), ...] for each step done, in order.
+    """
+    from jaxsam.geometry.measure import measure_run
+    from jaxsam.train import train_and_evaluate
+
+    study, _ = study_lib.read_study(study_dir)
+    specs = study_lib.plan(study)
+    job = [s for s in specs if s.path in paths]
+    steps: list[tuple[str, float]] = []
+
+    def step(what: str, seconds: float) -> None:
+        steps.append((what, seconds))
+        if on_step is not None:
+            on_step(what, seconds)
+
+    workdir = {s: os.path.join(study_dir, s.path) for s in specs}
+    config = {s: study_lib.run_config(study, s) for s in specs}
+    with _job_lock(study_dir, job, lambda line: None):
+        for spec in job:
+            if not study_lib.training_finished(workdir[spec], config[spec]):
+                start = time.time()
+                record = train_and_evaluate(config[spec], workdir[spec])
+                seconds = time.time() - start
+                _record(workdir[spec], "train_seconds", seconds)
+                step(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
+            for ready in job:
+                partner = study_lib.interpolation_partner(specs, ready)
+                if (study_lib._measured(ready, specs, study, workdir) or not study_lib.is_trained(workdir[ready], config[ready])
+                        or (partner is not None and not study_lib.is_trained(workdir[partner], config[partner]))):
+                    continue  # done, or its (partner's) training is still to come  # fmt: skip
+                start = time.time()
+                results = measure_run(
+                    workdir[ready], study_lib.measure_options(study, ready), progress=False, log=lambda line: None,
+                    compare_to=workdir[partner] if partner else None,
+                )  # fmt: skip
+                seconds = time.time() - start
+                _record(workdir[ready], "measure_seconds", seconds)
+                step(f"measured {ready.name}: {study_lib._measure_headline(results)}", seconds)
+    return steps
+
+
+def check_copied_runs(study: ml_collections.ConfigDict, study_dir: str, specs: Sequence[RunSpec]) -> None:
+    """Raises a one-line ValueError for a run folder the study cannot use or finish as it is.
+
+    A run folder of another config, or one whose training is finished but
+    whose checkpoint is missing (copied from another machine) and whose
+    measures are not those of the study, could only be redone by retraining
+    on top of its records.
+    """
+    from jaxsam.train import write_or_check_config
+
+    specs = list(specs)
+    for spec in specs:
+        workdir = os.path.join(study_dir, spec.path)
+        if not os.path.exists(os.path.join(workdir, "config.json")):
+            continue
+        config = study_lib.run_config(study, spec)
+        try:
+            write_or_check_config(config, workdir, write=False)
+        except ValueError as err:
+            raise ValueError(f"{spec.name} in {study_dir} was made with other settings: {err}") from None
+        finished = study_lib.training_finished(workdir, config)
+        if finished and not study_lib.is_trained(workdir, config) and not study_lib._measured(
+            spec, specs, study, {s: os.path.join(study_dir, s.path) for s in specs}
+        ):
+            raise ValueError(
+                f"{workdir} has finished training but no final checkpoint, and its geometry is not measured with "
+                f"this study's options: copy its checkpoints/ too, or remove the folder to train it again"
+            )
+
+
+def gather_provenance(study_dir: str, specs: Sequence[RunSpec]) -> None:
+    """Copies each run's provenance.json into study.json under "runs" (the code version of every run)."""
+    path = os.path.join(study_dir, "study.json")
+    with open(path) as f:
+        saved = json.load(f)
+    runs = {s.path: read_provenance(os.path.join(study_dir, s.path)) for s in specs}
+    saved["runs"] = {k: v for k, v in runs.items() if v}
+    study_lib._write_json(path, saved)
+
+
+def make_executor(name: str, study_dir: str, *, parallel: int = 1, slurm: SlurmOptions | None = None):
+    """A submitit executor for "local" or "slurm", its job logs under <study_dir>/jobs/."""
+    import submitit
+
+    folder = os.path.join(study_dir, "jobs", "%j")
+    if name == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=7 * 24 * 60)
+        return executor
+    slurm = slurm or SlurmOptions()
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    extra = {"slurm_partition": slurm.partition} if slurm.partition else {}
+    if slurm.account:
+        extra["slurm_account"] = slurm.account
+    if slurm.mem_gb:
+        extra["mem_gb"] = slurm.mem_gb
+    executor.update_parameters(
+        timeout_min=slurm.time_min, gpus_per_node=slurm.gpus_per_node, cpus_per_task=slurm.cpus_per_task,
+        tasks_per_node=1, nodes=1, slurm_array_parallelism=slurm.array_parallelism, name="jaxsam-study", **extra,
+    )  # fmt: skip
+    return executor
+
+
+def run_study(
+    study: ml_collections.ConfigDict,
+    study_dir: str,
+    *,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+    executor: str = "inline",
+    parallel: int = 1,
+    slurm: SlurmOptions | None = None,
+) -> dict[str, Any]:
+    """Trains and measures every run of the study that is not done yet, then writes the report.
+
+    Args:
+      study: a configs/study.py config.
+      study_dir: the study folder (created).
+      command: the command line recorded in study.json and the report (default: sys.argv).
+      log: where progress lines go (one per finished training or measurement).
+      executor: "inline", "local" or "slurm" (see the module docstring).
+      parallel: "local": jobs running at once.
+      slurm: "slurm": the resources of each job.
+
+    Returns:
+      The summary written to summary.json.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    if int(parallel) < 1:
+        raise ValueError(f"parallel must be >= 1 (got {parallel})")
+    specs = study_lib.plan(study)
+    check_copied_runs(study, study_dir, specs)
+    os.makedirs(study_dir, exist_ok=True)
+    study_lib._check_or_write_study(study, study_dir, command or shlex.join(["python", *sys.argv]))
+    workdirs = {s: os.path.join(study_dir, s.path) for s in specs}
+    configs = {s: study_lib.run_config(study, s) for s in specs}
+    steps = len(specs) * 2
+    done = sum(study_lib.training_finished(workdirs[s], configs[s]) for s in specs)
+    done += sum(study_lib._measured(s, specs, study, workdirs) for s in specs)
+    spent: list[float] = []  # seconds of the steps done by this call, for the estimate
+    study_start = time.time()
+    log(f"study {study_dir}: {len(specs)} runs ({study.models} x {study.arms} x {study.seeds} seeds), "
+        f"{done}/{steps} steps (trainings + measurements) already done")  # fmt: skip
+
+    def report_progress(what: str, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        spent.append(seconds)
+        left = steps - done
+        eta = f", about {study_lib._minutes(left * np.mean(spent) / max(1, int(parallel)))} to go" if left else ""
+        log(f"[{done}/{steps}] {what} ({study_lib._minutes(seconds)}){eta}")
+
+    unfinished = [job for job in group_jobs(specs) if not all(
+        study_lib.training_finished(workdirs[s], configs[s]) and study_lib._measured(s, specs, study, workdirs)
+        for s in job)]  # fmt: skip
+    if executor == "inline":
+        for job in unfinished:
+            run_job(study_dir, [s.path for s in job], on_step=report_progress)
+    elif unfinished:
+        _run_submitted(make_executor(executor, study_dir, parallel=parallel, slurm=slurm), unfinished, study_dir,
+                       parallel=int(parallel) if executor == "local" else len(unfinished), log=log,
+                       on_step=report_progress)  # fmt: skip
+    gather_provenance(study_dir, specs)
+    summary = study_lib.write_report(study_dir)
+    log(study_lib._one_line_summary(summary, time.time() - study_start))
+    return summary
+
+
+def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_step) -> None:
+    """Submits `jobs`, at most `parallel` running at once; logs their steps as each finishes."""
+    waiting, running, failed = list(jobs), [], []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            job = waiting.pop(0)
+            running.append((job, executor.submit(run_job, study_dir, [s.path for s in job])))
+        time.sleep(1.0)
+        for entry in [r for r in running if r[1].done()]:
+            running.remove(entry)
+            job, handle = entry
+            try:
+                for what, seconds in handle.result():
+                    on_step(what, seconds)
+            except Exception as err:  # a failed job: the others go on; all failures are reported at the end
+                lines = [line for line in str(err).strip().splitlines() if line.strip()]
+                failed.append(f"{job[0].name} (job {handle.job_id}: {lines[-1] if lines else err}; "
+                              f"log {handle.paths.stderr})")  # fmt: skip
+                log(f"failed: {failed[-1]}")
+    if failed:
+        raise ValueError(f"{len(failed)} job(s) failed: " + "; ".join(failed))
+
+
+SMALL_FILES = ("config.json", "metrics.jsonl", PROVENANCE, os.path.join("geometry", "geometry.json"))
+
+
+def export_small_files(study_dir: str, dest: str) -> list[str]:
+    """Copies what the report needs (no checkpoints) to `dest`: a study folder another machine can continue.
+
+    study.json, report.md, summary.json, figures/ and each run's SMALL_FILES.
+    Returns the copied paths, relative to `dest`.
+    """
+    import shutil
+
+    copied = []
+
+    def copy(relative: str) -> None:
+        source, target = os.path.join(study_dir, relative), os.path.join(dest, relative)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            shutil.copyfile(source, target)
+            copied.append(relative)
+
+    study, _ = study_lib.read_study(study_dir)
+    for name in ("study.json", "report.md", "summary.json"):
+        copy(name)
+    figures = os.path.join(study_dir, "figures")
+    for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
+        copy(os.path.join("figures", name))
+    for spec in study_lib.plan(study):
+        for name in SMALL_FILES:
+            copy(os.path.join(spec.path, name))
+    return copied
