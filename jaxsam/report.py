@@ -284,6 +284,13 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
         f"`{train_subset or 'train[:' + str(m.accuracy_examples or 'all') + ']'}` with the final network in eval "
         "mode; gap = train accuracy − test accuracy, in percentage points (pp).",
     ]
+    checks = {"lambda_max_converged": "λmax converged (every residual ‖Hv − λv‖ ≤ 1e-4·λ)",
+              "worst_case_converged": "the worst-case ascent levelled off (its last quarter of steps raised it by ≤ 0.1%)",
+              "fits": "the network fits its training subset (train accuracy ≥ 98%)"}  # fmt: skip
+    told = [f"{text} in {sum(bool(r[key]) for r in rows if key in r)} of {sum(key in r for r in rows)} runs"
+            for key, text in checks.items() if any(key in r for r in rows)]  # fmt: skip
+    if told:
+        lines.append("- **Checks:** " + "; ".join(told) + ".")
     if c.track.every_epochs:
         tracked = {"lambda_max": "λmax", "worst_case": "worst-case sharpness", "average_case": "average-case sharpness",
                    "first_order": "ρ‖∇L‖"}  # fmt: skip

@@ -382,6 +382,9 @@ TRACKED = (("track_worst_case", "tracked worst-case sharpness"), ("track_lambda_
            ("track_first_order", "tracked ρ‖∇L‖"), ("track_average_case", "tracked average-case sharpness"))  # fmt: skip
 
 
+FITS = 0.98  # train accuracy at which a run counts as fitting its training subset
+
+
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
@@ -415,6 +418,11 @@ def collect(study_dir: str) -> list[dict[str, Any]]:
                 row["train_loss"] = train["accuracy"]["loss"]
                 row["train_subset"] = train["accuracy"]["info"]["subset"]
                 row["gap"] = row["train_accuracy"] - row["test_accuracy"]
+                row["fits"] = bool(row["train_accuracy"] >= FITS)
+            if "lambda_max" in train:
+                row["lambda_max_converged"] = bool(train["lambda_max"]["converged"])
+            if "worst_case" in train and "converged" in train["worst_case"]:
+                row["worst_case_converged"] = bool(train["worst_case"]["converged"])
             for key, _, read in MEASURE_COLUMNS:
                 if key in train:
                     row[key] = _number(read(train))

@@ -153,6 +153,17 @@ def test_worst_case_is_non_decreasing_in_rho(x64):
     assert np.all(np.diff(values) > 0), values
 
 
+def test_worst_case_says_whether_its_ascent_levelled_off(x64):
+    """`converged` is read from the curve: the last quarter of the steps raised the value by <= 0.1%."""
+    params, loss = _mlp_problem()
+    short, long = (worst_case_sharpness(loss, params, 0.3, steps=n) for n in (2, 60))
+    for r in (short, long):
+        q = max(1, len(r.curve) // 4)
+        assert r.last_gain == pytest.approx((r.curve[-1] - r.curve[-1 - q]) / r.curve[-1], rel=1e-12)
+        assert r.converged == (r.last_gain <= 1e-3)
+    assert long.converged and not short.converged and long.value >= short.value
+
+
 def test_adaptive_sharpness_is_invariant_to_relu_rescaling_and_plain_is_not(x64):
     params, loss = _mlp_problem()
     alpha = 5.0

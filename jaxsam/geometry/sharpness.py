@@ -71,6 +71,11 @@ class WorstCaseResult(Record):
       values: per-chunk values for m-sharpness, else [value].
       rho, norm, adaptive, steps, m: the settings.
       loss_info: what loss was measured (`make_loss_fn`'s info).
+      last_gain: how much the last quarter of the ascent steps (at least one)
+        raised the value, relative to it: (curve[-1] − curve[-1-q]) / |curve[-1]|.
+        The ascent is a lower bound that has levelled off when this is small.
+      converged: last_gain ≤ 1e-3 (a value that more steps would raise by
+        less than 0.1%, judged from the curve itself).
     """
 
     value: float
@@ -87,6 +92,17 @@ class WorstCaseResult(Record):
     steps: int
     m: int | None
     loss_info: dict
+    last_gain: float = float("nan")
+    converged: bool = False
+
+
+def _last_gain(curve: np.ndarray) -> float:
+    """(curve[-1] − curve[-1-q]) / |curve[-1]| with q = max(1, len/4); NaN for a curve of one step."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if curve.size < 2:
+        return float("nan")
+    q = max(1, curve.size // 4)
+    return float((curve[-1] - curve[-1 - q]) / max(abs(curve[-1]), np.finfo(np.float64).tiny))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +426,8 @@ def worst_case_sharpness(
         steps=steps,
         m=m,
         loss_info=loss_lib.info_of(loss_fn),
+        last_gain=_last_gain(curve),
+        converged=bool(_last_gain(curve) <= 1e-3),
     )
 
 
