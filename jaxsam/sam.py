@@ -36,8 +36,11 @@ Variants:
   Minimization"): `looksam_transform`, the second gradient only every k steps;
   in between, the stored component of g_SAM orthogonal to g is reused.
 
-Common to all: ρ may be a float or an optax schedule of the transform's own
-step count (see `rho_following_lr` for GSAM's learning-rate-proportional ρ);
+Common to all: ρ may be a Python number, an array (also a traced one, so
+`optax.inject_hyperparams(sam_transform)(rho=0.05)` works under `jax.jit` and
+`jax.vmap` over ρ sweeps it) or an optax schedule of the transform's own step
+count (see `rho_following_lr` for GSAM's learning-rate-proportional ρ); η and
+α may be arrays too. Python values are checked when the transform is built.
 ρ = 0 returns the clean gradient exactly (no second gradient is computed); a
 zero gradient gives a finite result (ε has `eps` in its denominator); the state
 is a pytree of arrays; `axis_name` makes the perturbation use each device's own
@@ -58,7 +61,7 @@ import optax
 
 Params = Any
 GradFn = Callable[[Params], Params]
-Rho = Union[float, optax.Schedule]
+Rho = Union[float, chex.Array, optax.Schedule]
 Mask = Union[None, Params, Callable[[Params], Params]]
 
 __all__ = [
@@ -90,20 +93,28 @@ class LookSAMState(NamedTuple):
 # Argument checks: each message says how to call it.
 
 
+def _traced(value: Any) -> bool:
+    """A value known only inside a trace (jit, vmap, inject_hyperparams under jit): no Python checks."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def _check_rho(rho: Rho, name: str) -> None:
-    if callable(rho):
+    if callable(rho) or _traced(rho):
         return
     try:
         value = float(rho)
     except (TypeError, ValueError) as err:
         raise TypeError(
-            f"{name}: rho must be a float or an optax schedule step -> rho (got {rho!r}), e.g. {name}(rho=0.05)"
+            f"{name}: rho must be a number, an array or an optax schedule step -> rho (got {rho!r}), "
+            f"e.g. {name}(rho=0.05)"
         ) from err
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"{name}: rho must be a finite number >= 0 (got {rho!r}); e.g. {name}(rho=0.05)")
 
 
 def _check_nonnegative(value: float, what: str, name: str, example: str) -> None:
+    if _traced(value) or callable(value):
+        return
     if not float(value) >= 0.0:
         raise ValueError(f"{name}: {what} must be >= 0 (got {value!r}); e.g. {name}({example})")
 
@@ -119,6 +130,22 @@ def _check_update_args(name: str, params: Optional[Params], grad_fn: Optional[Gr
         raise TypeError(f"{name}.update: grad_fn must be a function params -> gradient (got {type(grad_fn).__name__}): {how}")
     if params is None:
         raise TypeError(f"{name}.update needs the current params to perturb: {how}")
+
+
+def _check_gradient(name: str, grads: Params, params: Params) -> Params:
+    """`grads` if it is shaped like `params`; else a TypeError that says what grad_fn returned."""
+    want = jax.tree.structure(params)
+    if jax.tree.structure(grads) == want:
+        return grads
+    if isinstance(grads, tuple) and len(grads) == 2 and any(jax.tree.structure(g) == want for g in grads):
+        raise TypeError(
+            f"{name}: grad_fn returned a pair (like jax.value_and_grad or has_aux=True give), not the gradient: "
+            "return the gradient alone, e.g. grad_fn=lambda p: jax.grad(loss_fn)(p, batch)"
+        )
+    raise TypeError(
+        f"{name}: grad_fn must return a gradient shaped like params ({want.num_leaves} leaves), "
+        f"got {jax.tree.structure(grads)}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +224,7 @@ def _ascent(name: str, rho: Rho, *, adaptive: bool, eta: float, eps: float, mask
 
     def perturbed_gradient(grad_fn: GradFn, grads: Params, params: Params, rho_t) -> Params:
         epsilon = sam_perturbation(grads, params, rho_t, adaptive=adaptive, eta=eta, eps=eps, mask=mask)
-        return grad_fn(jax.tree.map(jnp.add, params, epsilon))
+        return _check_gradient(name, grad_fn(jax.tree.map(jnp.add, params, epsilon)), params)
 
     return perturbed_gradient
 
@@ -218,10 +245,13 @@ def _rho_at(rho: Rho, count: chex.Array):
 def _unless_rho_zero(rho: Rho, rho_t, sam_branch: Callable[[], Any], clean_branch: Callable[[], Any]):
     """Runs `sam_branch` unless ρ is zero; then `clean_branch`, so ρ = 0 is the base optimizer exactly.
 
-    A constant ρ is decided in Python; a scheduled ρ with `lax.cond`, so steps
-    where the schedule is zero (e.g. a warm-up) skip the second gradient.
+    A ρ given as a Python number (or a concrete array) is decided in Python; a
+    scheduled or traced ρ (`inject_hyperparams` under jit, `vmap` over ρ) with
+    `lax.cond`, so steps where ρ is zero (e.g. a warm-up) skip the second
+    gradient and return the clean one exactly (under `vmap`, where `cond`
+    becomes a select, both are computed and the clean one is still exact).
     """
-    if not callable(rho):
+    if not callable(rho) and not _traced(rho):
         return clean_branch() if float(rho) == 0.0 else sam_branch()
     return jax.lax.cond(rho_t > 0, sam_branch, clean_branch)
 
@@ -267,7 +297,8 @@ def sam_transform(
     (ASAM), where g is the clean gradient passed as `updates`.
 
     Args:
-      rho: ball radius ρ >= 0, or an optax schedule of the step count.
+      rho: ball radius ρ >= 0: a number, an array (traced ones too:
+        `inject_hyperparams`, `vmap`), or an optax schedule of the step count.
       adaptive: use ASAM's scale-invariant ball.
       eta: ASAM's η >= 0.
       eps: added to the norm in ε's denominator.
@@ -340,7 +371,7 @@ def gsam_transform(
     """
     name = "gsam_transform"
     ascent = _ascent(name, rho, adaptive=adaptive, eta=eta, eps=eps, mask=mask, example="rho=0.05, alpha=0.1, eta=0.01")
-    if not jnp.isfinite(alpha):
+    if not _traced(alpha) and not jnp.isfinite(alpha):
         raise ValueError(f"{name}: alpha must be a finite number (got {alpha!r}); e.g. {name}(rho=0.05, alpha=0.1)")
 
     def update_fn(updates, state: SAMState, params=None, *, grad_fn: Optional[GradFn] = None, **extra_args):
@@ -393,6 +424,9 @@ def looksam_transform(
     separately and picks one per step (t % k == 0 for the SAM step): XLA:CPU
     runs gradients inside a conditional branch about 10x slower, so jaxsam's
     train loop does this on the CPU backend.
+
+    With `optax.inject_hyperparams`, name k static:
+    `optax.inject_hyperparams(looksam_transform, static_args=("k",))(rho=0.05, k=5)`.
 
     Args:
       rho: ball radius ρ >= 0 or a schedule.

@@ -384,7 +384,7 @@ def test_axis_name_perturbs_each_shard_with_its_own_gradient(x64, mlp_problem, m
     "build, error, message",
     [
         (lambda: sam_transform(rho=-0.1), ValueError, r"rho must be a finite number >= 0 \(got -0.1\); e.g. sam_transform\(rho=0.05\)"),
-        (lambda: sam_transform(rho="big"), TypeError, "rho must be a float or an optax schedule"),
+        (lambda: sam_transform(rho="big"), TypeError, "rho must be a number, an array or an optax schedule"),
         (lambda: sam_transform(rho=0.5, adaptive=True, eta=-1.0), ValueError, "eta must be >= 0"),
         (lambda: gsam_transform(rho=-1.0), ValueError, "gsam_transform: rho must be"),
         (lambda: gsam_transform(rho=0.05, alpha=float("nan")), ValueError, "alpha must be a finite number"),
@@ -410,3 +410,59 @@ def test_missing_grad_fn_or_params_says_how_to_call(mlp_problem, make_sam):
         tx.update(g, state, grad_fn=_grad_fn(loss, batch))
     with pytest.raises(TypeError, match="grad_fn must be a function"):
         tx.update(g, state, params, grad_fn=g)
+
+
+@pytest.mark.parametrize("make_sam", [sam_transform, gsam_transform, looksam_transform])
+def test_a_grad_fn_returning_a_pair_is_one_clear_error(mlp_problem, make_sam):
+    params, batch, loss = mlp_problem
+    tx = optax.chain(make_sam(0.05), optax.sgd(0.1))
+    g = jax.grad(loss)(params, batch)
+    pair = lambda p: jax.value_and_grad(loss)(p, batch)  # noqa: E731
+    with pytest.raises(TypeError, match=r"grad_fn returned a pair .* return the gradient alone"):
+        tx.update(g, tx.init(params), params, grad_fn=pair)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters as optax has them: arrays, tracers, injected, swept.
+
+
+def test_inject_hyperparams_under_jit_equals_the_fixed_transform(x64, mlp_problem):
+    """ρ injected (an array in the state, a tracer under jit) gives the same update as ρ fixed, and
+    changing it in the state changes the step without recompiling; an injected ρ = 0 is the clean gradient."""
+    params, batch, loss = mlp_problem
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    g = jax.grad(loss)(params, batch)
+    injected = optax.chain(optax.inject_hyperparams(sam_transform)(rho=0.1), optax.sgd(0.1))
+    looksam = optax.inject_hyperparams(looksam_transform, static_args=("k",))(rho=0.1, k=1, alpha=0.7)
+
+    @jax.jit
+    def update(state, params):
+        return injected.update(g, state, params, grad_fn=_grad_fn(loss, batch))
+
+    state = injected.init(params)
+    got, state = update(state, params)
+    want = _one_update(optax.chain(sam_transform(rho=0.1), optax.sgd(0.1)), loss, params, batch)
+    _tree_close(got, want, 1e-12)
+    state[0].hyperparams["rho"] = jnp.zeros_like(state[0].hyperparams["rho"])
+    clean, _ = update(state, params)
+    _tree_close(clean, jax.tree.map(lambda x: -0.1 * x, g), 1e-15)
+    assert update._cache_size() == 1
+    got_looksam, _ = jax.jit(lambda s: looksam.update(g, s, params, grad_fn=_grad_fn(loss, batch)))(
+        looksam.init(params))
+    _tree_close(got_looksam, _reference_sam(loss, params, batch, 0.1), 1e-12)  # k = 1 is SAM
+
+
+def test_vmap_over_rho_sweeps_sam(x64, mlp_problem):
+    params, batch, loss = mlp_problem
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    g = jax.grad(loss)(params, batch)
+    rhos = jnp.array([0.0, 0.05, 0.2])
+
+    def sam_gradient(rho):
+        tx = sam_transform(rho=rho)
+        return tx.update(g, tx.init(params), params, grad_fn=_grad_fn(loss, batch))[0]
+
+    swept = jax.jit(jax.vmap(sam_gradient))(rhos)
+    for i, rho in enumerate([0.0, 0.05, 0.2]):
+        want = g if rho == 0.0 else _reference_sam(loss, params, batch, rho)
+        _tree_close(jax.tree.map(lambda x: x[i], swept), want, 1e-12)
