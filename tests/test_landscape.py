@@ -109,18 +109,29 @@ def test_filter_normalized_direction_matches_every_filter_norm(x64):
 
 def test_layer_normalization_and_kept_biases(x64):
     params = _layered_params(0)
-    layer = landscape.random_direction(jax.random.key(1), params, normalization="layer", ignore="none")
+    layer = landscape.random_direction(jax.random.key(1), params, normalization="layer", ignore="random")
     for w, d in zip(jax.tree.leaves(params), jax.tree.leaves(layer)):  # every tensor, 1-D included, as a whole
         assert float(jnp.linalg.norm(d)) == pytest.approx(float(jnp.linalg.norm(w)), rel=1e-12)
-    kept = landscape.random_direction(jax.random.key(1), params, normalization="filter", ignore="none")
+    kept = landscape.random_direction(jax.random.key(1), params, normalization="filter", ignore="random")
     want = np.linalg.norm(params["bn"]["scale"])
     assert float(jnp.linalg.norm(kept["bn"]["scale"])) == pytest.approx(want, rel=1e-12)
-    raw = landscape.random_direction(jax.random.key(1), params, normalization="none", ignore="none")
+    raw = landscape.random_direction(jax.random.key(1), params, normalization="none", ignore="random")
     # The same Gaussian draw underneath: normalization only rescales it.
     ratio = np.asarray(layer["conv"]["kernel"]) / np.asarray(raw["conv"]["kernel"])
     np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)
     with pytest.raises(ValueError, match="normalization"):
         landscape.random_direction(jax.random.key(0), params, normalization="batch")
+    # ignore="none" means what it means in Li et al.'s code: a 1-D parameter's direction is the parameter.
+    li = landscape.random_direction(jax.random.key(1), params, ignore="none")
+    np.testing.assert_array_equal(li["bn"]["scale"], params["bn"]["scale"])
+    np.testing.assert_array_equal(li["conv"]["kernel"], kept["conv"]["kernel"])  # kernels as before
+
+
+def test_an_all_zero_direction_is_an_error_that_names_the_fix(x64):
+    biases_only = {"b": jnp.ones(3), "scale": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"all zeros.*pass ignore='none' or 'random'"):
+        landscape.random_direction(jax.random.key(0), biases_only)
+    assert float(jnp.sum(landscape.random_direction(jax.random.key(0), biases_only, ignore="random")["b"] ** 2)) > 0
 
 
 def test_flax_batchnorm_parameters_get_zero_direction(x64, bn_problem):
@@ -211,7 +222,7 @@ def test_only_filter_normalization_is_invariant_to_per_filter_rescaling(x64):
 
 def test_surface_1d_centre_and_points(x64):
     params, loss_fn = _toy_loss()
-    d = landscape.random_direction(jax.random.key(3), params, ignore="none")
+    d = landscape.random_direction(jax.random.key(3), params, ignore="random")
     result = landscape.surface_1d(loss_fn, params, d, num=11, span=(-2, 2), direction_info={"seed": 3})
     assert result.kind == "slice" and result.t[5] == 0.0 and result.direction_info == {"seed": 3}
     reference = _reference(loss_fn, params, d)
@@ -320,7 +331,7 @@ def _hand_batch_stats(params, calib, batch_size, batches):
 
 
 def _perturbed(params):
-    direction = landscape.random_direction(jax.random.key(5), params, ignore="none")
+    direction = landscape.random_direction(jax.random.key(5), params, ignore="random")
     moved = jax.tree.map(lambda w, d: w + 0.8 * d, params, direction)
     moved["Conv_0"]["kernel"] = 3.0 * moved["Conv_0"]["kernel"]
     moved["Conv_0"]["bias"] = moved["Conv_0"]["bias"] + 1.0

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsam.geometry.hessian import top_eigenvalues
@@ -162,6 +163,11 @@ def test_worst_case_says_whether_its_ascent_levelled_off(x64):
         assert r.last_gain == pytest.approx((r.curve[-1] - r.curve[-1 - q]) / r.curve[-1], rel=1e-12)
         assert r.converged == (r.last_gain <= 1e-3)
     assert long.converged and not short.converged and long.value >= short.value
+    # The maximizing perturbation comes back (kept out of the JSON record): L(w + ε*) is the perturbed loss.
+    moved = jax.tree.map(jnp.add, params, long.perturbation)
+    assert float(loss(moved)) == pytest.approx(long.perturbed_loss, rel=1e-12)
+    assert float(optax.tree.norm(long.perturbation)) == pytest.approx(long.delta_norm, rel=1e-12)
+    assert "perturbation" not in long.to_dict() and long.to_dict()["converged"] is True
 
 
 def test_adaptive_sharpness_is_invariant_to_relu_rescaling_and_plain_is_not(x64):

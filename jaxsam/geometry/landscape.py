@@ -54,7 +54,7 @@ from jaxsam.geometry import loss as loss_lib
 from jaxsam.geometry.records import Record
 
 NORMALIZATIONS = ("filter", "layer", "none")
-IGNORES = ("bn_and_bias", "none")
+IGNORES = ("bn_and_bias", "none", "random")
 CALIB_VARIANCE = "mean over calibration batches of the per-batch biased variance (flax BatchNorm train mode)"
 
 
@@ -148,6 +148,8 @@ def _normalize_leaf(d: jax.Array, w: jax.Array, normalization: str, ignore: str)
     if w.ndim <= 1:
         if ignore == "bn_and_bias":
             return jnp.zeros_like(d)
+        if ignore == "none":  # Li et al.'s code: a 1-D parameter's direction is the parameter itself
+            return w.astype(d.dtype)
         if normalization == "none":
             return d
         return d * _norm_ratio(w, d, None)
@@ -162,7 +164,8 @@ def _check_choices(normalization: str, ignore: str) -> None:
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization={normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
     if ignore not in IGNORES:
-        raise ValueError(f"unknown ignore={ignore!r}: use 'bn_and_bias' (zero 1-D entries) or 'none'")
+        raise ValueError(f"unknown ignore={ignore!r}: use 'bn_and_bias' (zero 1-D entries), 'none' (1-D entries "
+                         "copy the weights, as Li et al.'s code) or 'random' (1-D entries random, rescaled to ‖w‖)")
 
 
 def normalize_direction(
@@ -202,9 +205,15 @@ def random_direction(
     * normalization="layer": each leaf is rescaled to ‖w‖ as a whole.
     * normalization="none": the raw Gaussian.
 
-    Entries with ndim ≤ 1 (biases, BatchNorm scale and bias) are set to zero
-    with ignore="bn_and_bias", as Li et al. do; with ignore="none" they are
-    kept and, unless normalization="none", rescaled to ‖w‖ as a whole.
+    Entries with ndim ≤ 1 (biases, BatchNorm scale and bias), with the names
+    of Li et al.'s code (`net_plotter.py`, `ignore='biasbn'` or not):
+    ignore="bn_and_bias" sets them to zero; ignore="none" sets them to the
+    weights themselves (d = w, Li et al.'s choice when nothing is ignored);
+    ignore="random" keeps the Gaussian draw and, unless normalization="none",
+    rescales it to ‖w‖ as a whole.
+
+    A direction that comes out all zeros (every float leaf 1-D under
+    ignore="bn_and_bias") would give a flat surface: it is an error.
 
     Layout assumption: the LAST axis of every kernel indexes output features,
     as in Flax — `nn.Conv` kernels are HWIO (filter o is kernel[:, :, :, o])
@@ -216,10 +225,13 @@ def random_direction(
       key: a JAX PRNG key.
       params: the weights w (a pytree of arrays; non-float leaves get zeros).
       normalization: "filter", "layer" or "none".
-      ignore: "bn_and_bias" or "none".
+      ignore: "bn_and_bias", "none" or "random".
 
     Returns:
       A pytree like `params`.
+
+    Raises:
+      ValueError: unknown options, no float leaves, or an all-zero direction.
     """
     _check_choices(normalization, ignore)
     floats = [w for w in jax.tree.leaves(params) if _is_float(w)]
@@ -228,7 +240,16 @@ def random_direction(
     # One draw for all float entries, cut into leaves in tree-flatten order: XLA
     # compiles one random-number kernel per total size instead of one per shape.
     flat = jax.random.normal(key, (sum(int(np.prod(jnp.shape(w))) for w in floats),), jnp.result_type(*floats))
-    return _direction_from_flat(flat, params, normalization, ignore)
+    return _check_nonzero(_direction_from_flat(flat, params, normalization, ignore), ignore)
+
+
+def _check_nonzero(direction: Any, ignore: str) -> Any:
+    if all(not bool(jnp.any(d != 0)) for d in jax.tree.leaves(direction) if _is_float(d)):
+        hint = (" every float leaf is 1-D and ignore='bn_and_bias' zeroes them: pass ignore='none' or 'random'"
+                if ignore == "bn_and_bias" else "")
+        raise ValueError(f"the direction is all zeros, so every point of the surface would be the same loss;{hint}"
+                         " or give parameters with weight matrices or kernels")
+    return direction
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -76,6 +76,9 @@ class WorstCaseResult(Record):
         The ascent is a lower bound that has levelled off when this is small.
       converged: last_gain ≤ 1e-3 (a value that more steps would raise by
         less than 0.1%, judged from the curve itself).
+      perturbation: the maximizing perturbation c⊙δ* found, a pytree like
+        params (None for m-sharpness, where each chunk has its own); left
+        out of `to_dict()`.
     """
 
     value: float
@@ -94,6 +97,12 @@ class WorstCaseResult(Record):
     loss_info: dict
     last_gain: float = float("nan")
     converged: bool = False
+    perturbation: Any = None
+
+    def to_dict(self) -> dict:
+        from jaxsam.geometry.records import to_json
+
+        return to_json({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "perturbation"})
 
 
 def _last_gain(curve: np.ndarray) -> float:
@@ -300,7 +309,8 @@ def worst_case_ascent(
     """The traceable core of `worst_case_sharpness` (no checks, no host transfer; use inside jit).
 
     Returns:
-      (sharpness, L(w), L(w + c⊙δ*), ‖δ*‖, curve of the best loss increase per step).
+      (sharpness, L(w), L(w + c⊙δ*), ‖δ*‖, curve of the best loss increase per step,
+      the perturbation c⊙δ* as a pytree like params).
     """
     scale = _ball_scale(params, adaptive, mask)
 
@@ -310,7 +320,12 @@ def worst_case_ascent(
     delta0 = _start(key, params, rho, norm)
     best, f_best, curve = _ascent(jax.value_and_grad(objective), delta0, rho, norm, steps, host=False)
     base = loss_fn(params)
-    return f_best - base, base, f_best, _norm(best, norm), curve - base
+    return f_best - base, base, f_best, _norm(best, norm), curve - base, _scaled(scale, best)
+
+
+def _scaled(scale: Any, delta: Any) -> Any:
+    """c ⊙ δ: the perturbation in parameter space."""
+    return jax.tree.map(jnp.multiply, scale, delta)
 
 
 def _perturb(params: Any, scale: Any, delta: Any) -> Any:
@@ -341,7 +356,8 @@ def _worst_case_host(loss_fn, params, *, rho, norm, adaptive, steps, mask, key):
 
     best, f_best, curve = _ascent(value_and_grad, delta0, rho, norm, steps, host=True)
     base = driver.value(loss_fn)(params)
-    return f_best - base, base, f_best, driver.compiled(_norm, 1)(best, norm), curve - base
+    return f_best - base, base, f_best, driver.compiled(_norm, 1)(best, norm), curve - base, \
+        driver.compiled(_scaled)(scale, best)
 
 
 def worst_case_sharpness(
@@ -388,15 +404,17 @@ def worst_case_sharpness(
     host = driver.host_loops()
     if m is None:
         if host:
-            value, base, top, size, curve = _worst_case_host(loss_fn, params, **settings)
+            value, base, top, size, curve, perturbation = _worst_case_host(loss_fn, params, **settings)
         else:
-            value, base, top, size, curve = jax.jit(lambda p: worst_case_ascent(loss_fn, p, **settings))(params)
+            value, base, top, size, curve, perturbation = jax.jit(
+                lambda p: worst_case_ascent(loss_fn, p, **settings))(params)
         values = jnp.reshape(value, (1,))
         std_err = jnp.zeros([], value.dtype)
     elif host:
         # One ascent per chunk, each driven from Python on its own examples.
-        per_chunk = [_worst_case_host(chunk, params, **settings) for chunk in loss_fn.chunk_losses(m)]
+        per_chunk = [_worst_case_host(chunk, params, **settings)[:5] for chunk in loss_fn.chunk_losses(m)]
         values, bases, tops, sizes, curves = (jnp.stack(column) for column in zip(*per_chunk))
+        perturbation = None
         value, base, top, size, curve = values.mean(), bases.mean(), tops.mean(), sizes.max(), curves.mean(0)
         std_err = values.std(ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else jnp.zeros([])
     else:
@@ -405,10 +423,11 @@ def worst_case_sharpness(
 
         def per_chunk(params, chunk):
             x, y, w = chunk
-            return worst_case_ascent(lambda p: batch_sums(p, x, y, w)[0] / jnp.sum(w), params, **settings)
+            return worst_case_ascent(lambda p: batch_sums(p, x, y, w)[0] / jnp.sum(w), params, **settings)[:5]
 
         run = jax.jit(lambda p: jax.lax.map(lambda chunk: per_chunk(p, chunk), (images, labels, masks)))
         values, bases, tops, sizes, curves = run(params)
+        perturbation = None
         value, base, top, size, curve = values.mean(), bases.mean(), tops.mean(), sizes.max(), curves.mean(0)
         std_err = values.std(ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else jnp.zeros([])
     return WorstCaseResult(
@@ -428,6 +447,7 @@ def worst_case_sharpness(
         loss_info=loss_lib.info_of(loss_fn),
         last_gain=_last_gain(curve),
         converged=bool(_last_gain(curve) <= 1e-3),
+        perturbation=perturbation,
     )
 
 
