@@ -72,8 +72,12 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.model.conv = "auto"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"  # archive (path or $JAXSAM_CIFAR10) | tfds | synthetic | auto
+    c.data.source = "auto"  # archive (path or $JAXSAM_CIFAR10) | download (cached) | tfds | synthetic | auto (in that order)
     c.data.path = ""
+    # Where source download (and auto without a path) fetches the binary archive, and the SHA-256 it
+    # must have (the official file's); cached in ~/.cache/jaxsam ($JAXSAM_CACHE). Set both for a mirror.
+    c.data.url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+    c.data.sha256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
     c.data.n_train = 0  # 0: the whole training split (after the validation hold-out)
     c.data.n_validation = 0
     c.data.n_test = 0  # 0: the whole test split

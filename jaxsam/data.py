@@ -10,10 +10,16 @@ whole: 60,000 images of 32x32x3 uint8 are 180 MB. It is loaded once into a
   disk), or its extracted ``cifar-10-batches-bin/`` folder. The python version
   (``cifar-10-python.tar.gz``) is refused: it holds pickles, and unpickling a
   downloaded file runs whatever code it carries.
+* ``download``: that archive downloaded once (checksummed) into a cache folder,
+  ``~/.cache/jaxsam`` or ``$JAXSAM_CACHE`` (`jaxsam.download`).
 * ``tfds``: TensorFlow Datasets' ``cifar10`` (needs TensorFlow and, the first
   time, the network).
 * ``synthetic``: random CIFAR-shaped images whose class shifts their colour,
   for smoke runs that must show the loss falling without real data.
+
+``auto`` takes the first that works of: the archive at the given path or
+``$JAXSAM_CIFAR10``, the cached download, a new download, TFDS (when
+TensorFlow is installed).
 
 Training order and augmentation are deterministic functions of
 ``(seed, epoch, step)``: epoch e visits the examples in
@@ -36,8 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import os
 import socket
+import sys
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -46,6 +54,9 @@ from typing import Iterator, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxsam import download
+from jaxsam.download import DataError, _one_line
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -91,8 +102,8 @@ RECORDS_PER_FILE = 10_000  # checked strictly; tests lower it to write tiny arch
 BIN_FOLDER = "cifar-10-batches-bin"
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
-ENV_VAR = "JAXSAM_CIFAR10"
-SOURCES = ("archive", "auto", "synthetic", "tfds")
+ENV_VAR = download.ARCHIVE_ENV_VAR
+SOURCES = ("archive", "auto", "synthetic", "tfds", "download")
 
 # Where TFDS downloads cifar10 from; probed before a download so that offline
 # use fails in seconds instead of after minutes of retries.
@@ -107,17 +118,6 @@ _ARCHIVE_HINT = (
     f"(or set {ENV_VAR})"
 )
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-class DataError(ValueError):
-    """Bad or missing data; str() is one line that names the fix."""
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """First line of an exception's message, for wrapping foreign errors into one line."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +157,10 @@ class Dataset:
       validation: examples held out of the training split, or None.
       num_classes: number of labels.
       description: one line naming the source and the split sizes.
+      source: the source actually read ('archive', 'download', 'tfds' or
+        'synthetic'; 'auto' resolved), for the run's records.
+      path: the archive or folder read (for 'download' the cached archive),
+        the TFDS data dir if one was given, else None.
     """
 
     train: Split
@@ -164,6 +168,8 @@ class Dataset:
     validation: Optional[Split]
     num_classes: int
     description: str
+    source: str = ""
+    path: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +362,14 @@ def _tfds_prepared(data_dir: Optional[str]) -> tuple[bool, str]:
     return bool(builder.is_prepared()), str(builder.data_dir)
 
 
+def _tensorflow_importable() -> bool:
+    """Whether `import tensorflow` can find a module (without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        return sys.modules.get("tensorflow") is not None
+
+
 def _load_tfds(data_dir: Optional[str]) -> tuple[Split, Split]:
     """(train, test) of TFDS cifar10; every failure is a one-line DataError."""
     try:
@@ -442,6 +456,9 @@ def load_dataset(
     n_test: Optional[int] = None,
     seed: int = 0,
     synthetic_size: tuple[int, int] = (512, 256),
+    url: str = download.DEFAULT_URL,
+    sha256: str = download.ARCHIVE_SHA256,
+    progress: bool = True,
 ) -> Dataset:
     """CIFAR-10 (or a synthetic stand-in) with held-out validation and subsets.
 
@@ -454,9 +471,11 @@ def load_dataset(
 
     Args:
       source: 'archive' (the binary version at `path`, else $JAXSAM_CIFAR10),
-        'tfds' (TensorFlow Datasets' cifar10; `path`, if given, is the TFDS
-        data dir), 'synthetic', or 'auto' ('archive' if `path` or
-        $JAXSAM_CIFAR10 is set, else 'tfds').
+        'download' (the binary version cached in $JAXSAM_CACHE or
+        ~/.cache/jaxsam, downloaded from `url` if absent), 'tfds' (TensorFlow
+        Datasets' cifar10; `path`, if given, is the TFDS data dir),
+        'synthetic', or 'auto' ('archive' if `path` or $JAXSAM_CIFAR10 is
+        set, else 'download', else 'tfds' if TensorFlow is installed).
       path: see `source`.
       n_train: training examples to keep; None or 0 keeps all that remain
         after the validation split.
@@ -464,6 +483,9 @@ def load_dataset(
       n_test: the first `n_test` test examples; None keeps all.
       seed: seeds the subset permutation (and the synthetic images).
       synthetic_size: (training pool, test) sizes of the synthetic source.
+      url: where 'download' fetches the archive from.
+      sha256: the SHA-256 a download must have (the official file's by default).
+      progress: show a progress bar while downloading.
 
     Returns:
       A `Dataset` whose `validation` is None when `n_validation` is 0.
@@ -483,17 +505,42 @@ def load_dataset(
     n_validation = _count(n_validation, "n_validation")
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise DataError(f"seed must be an integer >= 0 (got {seed!r})")
-    if source == "auto":
-        source = "archive" if (path or os.environ.get(ENV_VAR)) else "tfds"
+    archive, failed_download = None, None
+    if source == "download" and path:
+        raise DataError(
+            f"source 'download' reads the archive cached in {download.cache_dir()}, not data.path {path}: "
+            f"use --config.data.source=archive to read {path}"
+        )
+    if source == "auto" and (path or os.environ.get(ENV_VAR)):
+        source = "archive"
+    elif source in ("auto", "download"):
+        try:
+            archive, source = download.cached_or_download(url, sha256, progress=progress), "download"
+        except DataError as err:
+            if source == "download" or not _tensorflow_importable():
+                raise
+            source, failed_download = "tfds", err
 
+    used = None  # the file or folder read
     if source == "archive":
         archive = _archive_path(path)
         train_pool, test_pool = read_cifar10_archive(archive)
-        origin = f"CIFAR-10 from {'folder' if archive.is_dir() else 'archive'} {archive}"
+        origin, used = f"CIFAR-10 from {'folder' if archive.is_dir() else 'archive'} {archive}", str(archive)
+    elif source == "download":
+        try:
+            train_pool, test_pool = read_cifar10_archive(archive)
+        except DataError as err:
+            raise DataError(f"{err} (this is the cached download: delete {archive} to download it again)") from None
+        origin, used = f"CIFAR-10 from archive {archive} (the download cache)", str(archive)
     elif source == "tfds":
-        data_dir = os.fspath(Path(path).expanduser()) if path else None
-        train_pool, test_pool = _load_tfds(data_dir)
-        origin = "CIFAR-10 from TFDS cifar10" + (f" in {data_dir}" if data_dir else "")
+        used = os.fspath(Path(path).expanduser()) if path else None
+        try:
+            train_pool, test_pool = _load_tfds(used)
+        except DataError as err:
+            if failed_download is None:
+                raise
+            raise DataError(f"{failed_download} (TFDS, tried next, failed too: {err})") from None
+        origin = "CIFAR-10 from TFDS cifar10" + (f" in {used}" if used else "")
     else:
         pool_size, test_size = (_count(n, "synthetic_size") for n in synthetic_size)
         train_pool, test_pool = _synthetic(pool_size, test_size, int(seed))
@@ -525,7 +572,8 @@ def load_dataset(
         f"test {_size(len(test), len(test_pool))}"
     )
     return Dataset(
-        train=train, test=test, validation=validation, num_classes=NUM_CLASSES, description=f"{origin} ({sizes})"
+        train=train, test=test, validation=validation, num_classes=NUM_CLASSES, description=f"{origin} ({sizes})",
+        source=source, path=used,
     )
 
 

@@ -317,15 +317,21 @@ def test_tfds_without_tensorflow_points_to_the_archive(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("must not probe the network")
 
+    def offline(*args, **kwargs):
+        raise DataError("cannot download (offline)")
+
     monkeypatch.setattr(data, "_reachable", no_network)
     monkeypatch.setattr(data, "_tfds_prepared", no_network)
-    for source in ("tfds", "auto"):
-        with pytest.raises(DataError) as err:
-            data.load_dataset(source)
-        message = str(err.value)
-        assert "pip install tensorflow-cpu" in message
-        assert "--config.data.source=archive" in message and "JAXSAM_CIFAR10" in message
-        assert "\n" not in message
+    monkeypatch.setattr(data.download, "cached_or_download", offline)
+    with pytest.raises(DataError) as err:
+        data.load_dataset("tfds")
+    message = str(err.value)
+    assert "pip install tensorflow-cpu" in message
+    assert "--config.data.source=archive" in message and "JAXSAM_CIFAR10" in message
+    assert "\n" not in message
+    # 'auto' without a path tries the download cache first; without TensorFlow it does not go on to TFDS.
+    with pytest.raises(DataError, match=r"^cannot download \(offline\)$"):
+        data.load_dataset("auto")
 
 
 def test_tfds_offline_and_not_prepared_fails_fast(monkeypatch):
