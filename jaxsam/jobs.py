@@ -346,7 +346,9 @@ SMALL_FILES = ("config.json", "metrics.jsonl", PROVENANCE, os.path.join("geometr
 def export_small_files(study_dir: str, dest: str) -> list[str]:
     """Copies what the report needs (no checkpoints) to `dest`: a study folder another machine can continue.
 
-    study.json, report.md, summary.json, figures/ and each run's SMALL_FILES.
+    study.json, report.md, summary.json, figures/ and the SMALL_FILES of each
+    run that is done (trained and measured with the study's options): a run
+    still training or not yet measured would need its checkpoints to go on.
     Returns the copied paths, relative to `dest`.
     """
     import shutil
@@ -366,7 +368,11 @@ def export_small_files(study_dir: str, dest: str) -> list[str]:
     figures = os.path.join(study_dir, "figures")
     for name in sorted(os.listdir(figures)) if os.path.isdir(figures) else []:
         copy(os.path.join("figures", name))
-    for spec in study_lib.plan(study):
-        for name in SMALL_FILES:
+    specs = study_lib.plan(study)
+    workdirs = {s: os.path.join(study_dir, s.path) for s in specs}
+    for spec in specs:
+        done = os.path.exists(os.path.join(workdirs[spec], "config.json")) and study_lib.training_finished(
+            workdirs[spec], study_lib.run_config(study, spec)) and study_lib._measured(spec, specs, study, workdirs)
+        for name in SMALL_FILES if done else ():
             copy(os.path.join(spec.path, name))
     return copied

@@ -134,20 +134,32 @@ def _names(value: str, known: Iterable[str], field: str) -> list[str]:
 
 
 def check_study(study: ml_collections.ConfigDict) -> None:
-    """Raises ValueError (one line, naming the fix) for a study config that cannot run."""
+    """Raises ValueError (one line, naming the fix) for a study config that cannot run.
+
+    Checks the grid, the measure options (`jaxsam.validate.check_measure_options`)
+    and the training config of every (model, arm) as `run_config` makes it
+    (`jaxsam.validate.check_config`).
+    """
+    from jaxsam import validate
     from jaxsam.geometry.measure import MEASURES
 
-    _names(study.models, MODELS, "models")
-    _names(study.arms, ARMS, "arms")
+    models = _names(study.models, MODELS, "models")
+    arms = _names(study.arms, ARMS, "arms")
     if int(study.seeds) < 1:
         raise ValueError(f"study.seeds must be >= 1 (got {study.seeds})")
-    extra_runs(study)
+    pairs = extra_runs(study)
     for field in ("measures", "figure_measures"):
         value = study.measure.measures if field == "measures" else study.figure_measures
         if value.strip():
             _names(value, MEASURES, field)
     if study.run.size != study.size:
         raise ValueError(f"study.run is a {study.run.size!r} config but the study is {study.size!r}: use one size")
+    validate.check_measure_options(study.measure, flag="--config.measure")
+    for model, arm in [(m, a) for m in models for a in arms] + pairs:
+        try:
+            validate.check_config(run_config(study, RunSpec(model, arm, 0, 0)), flag="--config.run")
+        except ValueError as err:
+            raise ValueError(f"study run {model} {arm}: {err}") from None
 
 
 def extra_runs(study: ml_collections.ConfigDict) -> list[tuple[str, str]]:

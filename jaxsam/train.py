@@ -28,18 +28,20 @@ import optax
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxsam import data, parallel, sam
+from jaxsam import data, parallel, sam, validate
 from jaxsam.checkpoint import Checkpoints
 from jaxsam.config import base_config
 from jaxsam.models import get_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-NAN_POLICIES = ("skip", "stop")
+NAN_POLICIES = ("stop", "skip")
 SAM_VARIANTS = ("asam", "gsam", "looksam", "none", "sam")
 # Fields that may differ when a run is resumed (they change no number it computes).
 # Fields that change the parameters' shapes: a run's checkpoints cannot be resumed under others.
 _NETWORK_FIELDS = ("model.name", "model.width")
-_RESUMABLE_FIELDS = ("train.progress", "train.log_every_steps", "train.max_steps", "train.nan_policy")
+# Fields a run may resume with other values: how it reports, and where the same data is found.
+_RESUMABLE_FIELDS = ("train.progress", "train.log_every_steps", "train.max_steps", "train.nan_policy",
+                     "data.path", "data.url", "data.sha256")  # fmt: skip
 
 
 NO_STEP = 2**31 - 1  # "no non-finite step" in the sums' first_nonfinite
@@ -67,8 +69,6 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     warmup = int(round(opt.warmup_epochs * steps_per_epoch))
     if opt.schedule == "constant":
         return optax.constant_schedule(opt.learning_rate)
-    if opt.schedule != "cosine":
-        raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}: use cosine or constant")
     if warmup > 0:
         return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, total, end_value=0.0)
     return optax.cosine_decay_schedule(opt.learning_rate, total)
@@ -81,10 +81,8 @@ def base_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule) -> opt
         core = optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov)
     elif opt.name == "adam":
         core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    elif opt.name == "adamw":
+    else:  # "adamw" (make_optimizer checks the names: jaxsam.validate)
         return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {opt.name!r}: use one of {', '.join(OPTIMIZERS)} (--config.optimizer.name=...)")
     if opt.weight_decay:
         return optax.chain(optax.add_decayed_weights(opt.weight_decay), core)
     return core
@@ -105,8 +103,6 @@ def sam_optimizer_part(config: ml_collections.ConfigDict, lr: optax.Schedule) ->
     """The SAM transform of `config.sam`; "none" is ρ = 0, which is the base optimizer exactly."""
     s = config.sam
     axis_name = parallel.DATA_AXIS if s.per_device else None
-    if s.mask not in ("all", "kernels"):
-        raise ValueError(f"unknown sam.mask {s.mask!r}: use all or kernels")
     common = dict(axis_name=axis_name, mask=sam.kernels_only_mask if s.mask == "kernels" else None)
     rho = sam_rho(config, lr)
     if s.name == "none":
@@ -117,13 +113,12 @@ def sam_optimizer_part(config: ml_collections.ConfigDict, lr: optax.Schedule) ->
         return sam.sam_transform(rho, adaptive=True, eta=s.eta, **common)
     if s.name == "gsam":
         return sam.gsam_transform(rho, s.alpha, **common)
-    if s.name == "looksam":
-        return sam.looksam_transform(rho, s.k, s.alpha, **common)
-    raise ValueError(f"unknown sam.name {s.name!r}: use one of {', '.join(SAM_VARIANTS)} (--config.sam.name=...)")
+    return sam.looksam_transform(rho, s.k, s.alpha, **common)  # "looksam" (names checked by make_optimizer)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """(tx, lr_schedule): the SAM part chained before the base optimizer."""
+    """(tx, lr_schedule): the SAM part chained before the base optimizer (`config` checked first)."""
+    validate.check_config(config)
     lr = learning_rate_schedule(config, steps_per_epoch)
     return optax.chain(sam_optimizer_part(config, lr), base_optimizer(config, lr)), lr
 
@@ -346,9 +341,14 @@ def write_or_check_config(
         os.replace(path, os.path.join(workdir, f"config.{n}.json"))
     if not write:
         return
+    _write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes `path` whole or not at all (a temporary file, then a rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -402,7 +402,7 @@ def load_run(workdir: str, *, step: int | None = None) -> Run:
     `initial_state` is the run's state at step 0 (same seed), for init -> final interpolation.
     """
     config = read_config(workdir)
-    dataset = load_data(config)
+    dataset = load_data(config, workdir)
     model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype,
                       conv=config.model.conv)
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), config.train.batch_size)
@@ -491,11 +491,24 @@ def _diverged(config, metrics: dict[str, Any], checkpoints: Checkpoints, workdir
     )
 
 
-def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+DATA_USED = "data.json"  # in a workdir: the source and file a run's data came from
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> data.Dataset:
+    """The run's dataset; with `workdir`, a run whose config says source=auto reads the file its data.json names."""
     d = config.data
+    path = d.path or None
+    used = os.path.join(workdir, DATA_USED) if workdir else ""
+    if d.source == "auto" and path is None and used and os.path.exists(used) and not os.environ.get(data.ENV_VAR):
+        with open(used) as f:
+            recorded = json.load(f)
+        if recorded.get("source") == "archive" and recorded.get("path") and os.path.exists(recorded["path"]):
+            path = recorded["path"]
     return data.load_dataset(
         d.source,
-        path=d.path or None,
+        path=path,
+        **{k: d[k] for k in ("url", "sha256") if d.get(k)},
+        progress=bool(config.train.progress),
         n_train=d.n_train or None,
         n_validation=d.n_validation,
         n_test=d.n_test or None,
@@ -516,6 +529,7 @@ def train_and_evaluate(
     A workdir with checkpoints is resumed from the latest one; one made by a
     different config is refused unless `allow_config_change`.
     """
+    validate.check_config(config)  # before the data, the devices and the workdir
     mesh = parallel.data_mesh()
     parallel.check_divisible(config.train.batch_size, mesh, "train.batch_size")
     parallel.check_divisible(config.train.eval_batch_size, mesh, "train.eval_batch_size")
@@ -526,8 +540,6 @@ def train_and_evaluate(
             f"train.batch_size={config.train.batch_size} exceeds the {len(dataset.train)} training examples: "
             f"lower it or raise data.n_train"
         )
-    if config.train.nan_policy not in NAN_POLICIES:
-        raise ValueError(f"unknown train.nan_policy {config.train.nan_policy!r}: use stop or skip")
     model = get_model(config.model.name, dataset.num_classes, width=config.model.width, dtype=config.model.dtype,
                       conv=config.model.conv)
     tx, lr_schedule = make_optimizer(config, steps_per_epoch)
@@ -537,6 +549,8 @@ def train_and_evaluate(
     make_workdir(workdir)
     primary = parallel.is_primary()  # process 0 writes the run's files; orbax coordinates checkpoints itself
     write_or_check_config(config, workdir, allow_change=allow_config_change, write=primary)
+    if primary:  # which data the run read (config.json keeps what was asked for: source=auto, no path)
+        _write_text(os.path.join(workdir, DATA_USED), json.dumps({"source": dataset.source, "path": dataset.path}))
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state = create_train_state(model, tx, jax.random.key(config.seed))
     # The newest checkpoint that reads; unreadable newer ones are reported and moved aside.

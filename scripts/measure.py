@@ -1,4 +1,4 @@
-"""Measure the geometry of a trained run: python scripts/measure.py --workdir runs/adam_sam_cpu [--measures=...].
+"""Measure the geometry of a trained run: python scripts/measure.py --workdir runs/adam_sam_cpu [--options.measures=...].
 
 Writes <workdir>/geometry/geometry.json (every measure, its settings, its
 seconds) and PNG figures beside it. Defaults are sized by the run's config
@@ -14,6 +14,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsam import validate
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder made by scripts/train.py")
 _COMPARE = flags.DEFINE_string(
     "compare_to", None, "another run of the same network: adds the interpolation between the two minima"
@@ -26,13 +28,14 @@ def _all_options():
     return measure_options()
 
 
+# ml_collections applies --options.x=v as the flag is defined: a misspelled field is one line here.
+validate.check_overrides("options", _all_options())
 _OPTIONS = config_flags.DEFINE_config_dict("options", _all_options(), "measure options (see measure_options)")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --workdir=... --options.x=v")
+    del argv  # validate.flags_parser refuses positional arguments
     logging.set_verbosity(logging.WARNING)
     from jaxsam import data
     from jaxsam.geometry.measure import measure_options, measure_run
@@ -44,6 +47,7 @@ def main(argv):
         # Options given on the command line override the size's defaults.
         options = measure_options(size)
         options.update_from_flattened_dict(config_flags.get_override_values(flags.FLAGS["options"]))
+        validate.check_measure_options(options)  # before the run is loaded
         results = measure_run(_WORKDIR.value, options, compare_to=_COMPARE.value)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -53,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=validate.flags_parser("options"))

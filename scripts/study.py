@@ -21,6 +21,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsam import validate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "study config file, e.g. configs/study.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "study folder (default: runs/study[_<size>])")
 _CACHE = flags.DEFINE_string(
@@ -78,4 +80,4 @@ def _export(jobs, workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=validate.flags_parser("config"))

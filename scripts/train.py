@@ -14,6 +14,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxsam import validate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/adam_sam.py:cpu")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<size>])")
 _CACHE = flags.DEFINE_string(
@@ -39,14 +41,14 @@ def default_workdir(config_path: str, size: str) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config=... --workdir=...")
+    del argv  # validate.flags_parser refuses positional arguments
     # Orbax logs every checkpoint step at INFO; the progress bar and metrics.jsonl say what matters.
     logging.set_verbosity(logging.WARNING)
     from jaxsam import data, parallel
     from jaxsam.train import train_and_evaluate
 
     try:
+        validate.check_config(_CONFIG.value)  # before anything else
         parallel.start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -72,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=validate.flags_parser("config"))

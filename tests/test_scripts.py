@@ -18,14 +18,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-binary.tar.gz"
 
 
-def run_train(*args, env=None, timeout=900):
+def run_script(script, *args, env=None, timeout=900):
+    """scripts/<script> run from the repository root on the CPU."""
     # The user's own JAXSAM_CIFAR10 must not leak into a test that does not set it.
     base = {k: v for k, v in os.environ.items() if k != "JAXSAM_CIFAR10"}
     env = dict(base, JAX_PLATFORMS="cpu", **(env or {}))
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        [sys.executable, str(ROOT / "scripts" / script), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_train(*args, env=None, timeout=900):
+    return run_script("train.py", *args, env=env, timeout=timeout)
+
+
+def assert_one_error_line(out, message):
+    """Exit code 2, no traceback, and stderr exactly one line `error: <message>` (a regex, matched whole)."""
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), out.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -51,7 +64,8 @@ def test_train_script_on_real_cifar10(tmp_path):
     assert f"{epoch['test_accuracy']:.4f}" in summary
     for key in ("train_loss", "train_accuracy", "test_loss", "lr", "train_images_per_sec", "epoch_seconds"):
         assert np.isfinite(epoch[key]), key
-    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json", "data.json", "metrics.jsonl"]
+    assert json.loads((workdir / "data.json").read_text())["source"] == "archive"
     assert json.loads((workdir / "config.json").read_text())["data"]["n_test"] == 1000
 
 
@@ -66,8 +80,8 @@ def _tar_gz(path, members):
 
 
 def _snapshot(folder):
-    """{relative path: bytes} of every file under `folder` ({} when it does not exist)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """{relative path: bytes (None for a folder)} of everything under `folder` ({} when it does not exist)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 def _existing_run(workdir, **changes):
@@ -99,10 +113,10 @@ def _case_archive(tmp_path, kind):
 
 # Every kind of bad input: the flags, the environment, what the workdir holds, the one line expected.
 BAD_INPUT = {
-    "unknown model": (["--config.model.name=resnet50"], {}, None, r"unknown model 'resnet50': choose one of resnet18, vgg16"),
+    "unknown model": (["--config.model.name=resnet50"], {}, None, r"unknown model 'resnet50': use resnet18 or vgg16; did you mean resnet18\? \(--config.model.name=resnet18\)"),
     "unknown optimizer": (["--config.optimizer.name=lion"], {}, None, r"unknown optimizer 'lion': use one of adam, adamw, sgd \(--config.optimizer.name=...\)"),
-    "unknown data source": (["--config.data.source=mnist"], {}, None, r"unknown data source 'mnist': expected one of 'archive', 'auto', 'synthetic', 'tfds'"),
-    "negative rho": (["--config.sam.name=sam", "--config.sam.rho=-0.1"], {}, None, r"sam_transform: rho must be a finite number >= 0 \(got -0.1\); e.g. sam_transform\(rho=0.05\)"),
+    "unknown data source": (["--config.data.source=mnist"], {}, None, r"unknown data.source 'mnist': use one of archive, auto, synthetic, tfds\b.* \(--config.data.source=...\)"),
+    "negative rho": (["--config.sam.name=sam", "--config.sam.rho=-0.1"], {}, None, r"sam.rho must be a finite number >= 0 \(got -0.1\): e.g. --config.sam.rho=0.05"),
     "batch not divisible by the devices": (
         ["--config.train.batch_size=36"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, None,
         r"train.batch_size=36 does not split over the 8 devices: use a multiple of 8 \(e.g. --config.train.batch_size=32\)"),
@@ -139,7 +153,5 @@ def test_bad_input_is_one_line_and_loses_nothing(tmp_path, case):
         workdir = tmp_path / "a_file" / "run"
     before = _snapshot(tmp_path)
     out = run_train("--config", "configs/sgd.py:smoke", "--workdir", str(workdir), *args, env=env, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), out.stderr[-2000:]
+    assert_one_error_line(out, message)
     assert _snapshot(tmp_path) == before  # nothing written, nothing overwritten

@@ -239,8 +239,6 @@ def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_cod
     """A study folder made of another machine's small files (no checkpoints) is done and reports the same;
     study.json names the commit each run was made with; a copied run whose measures are not the study's
     cannot be finished without its checkpoint, and says so before anything is written."""
-    import shutil
-
     from jaxsam import jobs
 
     source, _, _ = finished_study
@@ -250,11 +248,12 @@ def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_cod
         assert record["train"]["commit"] == jobs.code_version()["commit"] and record["train_seconds"] > 0
         assert record["measure"]["devices"].startswith("1 x ") and record["measure_seconds"] > 0
     folder = str(tmp_path / "merged")
-    small = shutil.ignore_patterns("checkpoints", "*.png", "*.lock")
+    copied = jobs.export_small_files(source, folder)  # what scripts/study.py --export=DIR writes
     for arm in ("sgd", "sgd_sam"):
         path = os.path.join("runs", "resnet18", arm, "seed0")
-        shutil.copytree(os.path.join(source, path), os.path.join(folder, path), ignore=small)
-    shutil.copy(os.path.join(source, "study.json"), folder)
+        assert {os.path.join(path, name) for name in jobs.SMALL_FILES} <= set(copied)
+        assert not os.path.exists(os.path.join(folder, path, "checkpoints"))
+    assert "study.json" in copied and "report.md" in copied
     lines = []
     study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)",
                         log=lines.append)  # fmt: skip

@@ -69,7 +69,7 @@ def sam_run(tmp_path_factory):
 @pytest.mark.xdist_group("sam_run")
 def test_training_writes_its_files_and_learns(sam_run):
     config, workdir, record = sam_run
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "data.json", "metrics.jsonl"]
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["sam"]["name"] == "sam"
     records = _records(workdir)
