@@ -188,6 +188,12 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
     return steps
 
 
+def is_done(study: ml_collections.ConfigDict, specs: Sequence[RunSpec], workdirs: dict, spec: RunSpec) -> bool:
+    """The run finished training and is measured with the study's options (its checkpoints no longer needed)."""
+    return study_lib.training_finished(workdirs[spec], study_lib.run_config(study, spec)) and study_lib._measured(
+        spec, list(specs), study, workdirs)
+
+
 def check_copied_runs(study: ml_collections.ConfigDict, study_dir: str, specs: Sequence[RunSpec]) -> None:
     """Raises a one-line ValueError for a run folder the study cannot use or finish as it is.
 
@@ -301,9 +307,7 @@ def run_study(
         eta = f", about {study_lib._minutes(left * np.mean(spent) / max(1, int(parallel)))} to go" if left else ""
         log(f"[{done}/{steps}] {what} ({study_lib._minutes(seconds)}){eta}")
 
-    unfinished = [job for job in group_jobs(specs) if not all(
-        study_lib.training_finished(workdirs[s], configs[s]) and study_lib._measured(s, specs, study, workdirs)
-        for s in job)]  # fmt: skip
+    unfinished = [job for job in group_jobs(specs) if not all(is_done(study, specs, workdirs, s) for s in job)]
     if executor == "inline":
         for job in unfinished:
             run_job(study_dir, [s.path for s in job], on_step=report_progress)
@@ -371,8 +375,6 @@ def export_small_files(study_dir: str, dest: str) -> list[str]:
     specs = study_lib.plan(study)
     workdirs = {s: os.path.join(study_dir, s.path) for s in specs}
     for spec in specs:
-        done = os.path.exists(os.path.join(workdirs[spec], "config.json")) and study_lib.training_finished(
-            workdirs[spec], study_lib.run_config(study, spec)) and study_lib._measured(spec, specs, study, workdirs)
-        for name in SMALL_FILES if done else ():
+        for name in SMALL_FILES if is_done(study, specs, workdirs, spec) else ():
             copy(os.path.join(spec.path, name))
     return copied
