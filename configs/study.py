@@ -18,7 +18,7 @@ Fields:
     set here to something other than its default is applied to every arm after
     the arm's own optimizer and SAM settings; by default that is the geometry
     tracked during training (track.*), so the report can plot sharpness over epochs.
-  measure: the options of jaxsam.geometry.measure for every final checkpoint.
+  measure: the options of jaxsam.measure for every final checkpoint.
   figure_measures / figure_seeds: measures needed only for figures (spectral
     density, 2-D surface), run on the first `figure_seeds` seeds only.
 """
@@ -26,7 +26,7 @@ Fields:
 import ml_collections
 
 from jaxsam.config import SIZES, base_config
-from jaxsam.geometry.measure import measure_options
+from jaxsam.measure import measure_options
 
 
 def get_config(size=None):

@@ -7,12 +7,16 @@ and renames it when complete, so a process killed mid-save leaves a folder that
 is never listed as a step (and is replaced by the next save of that step). A
 committed checkpoint that later fails to read (a damaged disk, a truncated
 copy) is reported and moved aside to `checkpoints.corrupt/`, and the run
-resumes from the newest one that reads.
+resumes from the newest one that reads. A save that fails to write (a full
+disk, a read-only folder) raises `CheckpointWriteError`, one line naming the
+reason and the checkpoint kept; orbax's own log of the failure is left out.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable, Optional
@@ -20,9 +24,41 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jaxsam.files import WriteError
+
 
 class CorruptCheckpoint(ValueError):
     """A committed checkpoint whose files cannot be read although its shapes fit the target."""
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint could not be written (full disk, no permission); the checkpoints before it are kept."""
+
+
+# Markers of a write that failed for a reason outside the program: OSError's, and the status
+# codes tensorstore (orbax's array writer) puts in the ValueError it raises.
+_IO_FAILURE = re.compile(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|os_error_code|No space|Read-only|Disk quota")
+
+
+def _io_reason(err: BaseException) -> Optional[str]:
+    """Why a write failed ("No space left on device"), or None when `err` is not an I/O failure."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    text = " ".join(str(err).split())
+    if not isinstance(err, (ValueError, RuntimeError)) or not _IO_FAILURE.search(text):
+        return None
+    code = re.search(r"os_error_code='?(\d+)", text)
+    return os.strerror(int(code.group(1))) if code else text[:200]
+
+
+class _DropOrbaxSaveErrors(logging.Filter):
+    """Drops orbax's tracebacks of a failed background save: `Checkpoints` raises that error itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname and record.exc_info)
+
+
+_FILTER = _DropOrbaxSaveErrors()
 
 
 def _warn(line: str) -> None:
@@ -40,6 +76,9 @@ class Checkpoints:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
+        self._pending: Optional[int] = None  # the step of a save that may still be writing
+        if _FILTER not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_FILTER)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -52,8 +91,18 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        """Starts writing `state` as checkpoint `step` (the device->host copy happens now)."""
-        self._manager.save(int(step), args=ocp.args.StandardSave(state))
+        """Starts writing `state` as checkpoint `step` (the device->host copy happens now).
+
+        Raises:
+          CheckpointWriteError: this save, or the previous one still being
+            written, failed to write; the committed checkpoints are kept.
+        """
+        self.wait()  # a failure of the previous save is reported as that step's
+        try:
+            self._manager.save(int(step), args=ocp.args.StandardSave(state))
+        except Exception as err:  # noqa: BLE001 (only I/O failures are translated; the rest re-raised)
+            raise self._write_failed(int(step), err) from None
+        self._pending = int(step)
 
     def restore(self, target: Any, step: Optional[int] = None) -> Any:
         """Checkpoint `step` (default: the latest) restored with the structure, shapes,
@@ -123,7 +172,26 @@ class Checkpoints:
         return destination
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for a save still being written; raises `CheckpointWriteError` if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._write_failed(self._pending, err) from None
+        finally:
+            self._pending = None
+
+    def _write_failed(self, step: Optional[int], err: Exception) -> Exception:
+        """The one-line error for a failed save of `step` (or `err` itself when it is not an I/O failure)."""
+        reason = _io_reason(err)
+        if reason is None:
+            return err
+        self._manager.reload()
+        kept = [s for s in self.all_steps() if s != step]
+        saved = f"the last good checkpoint (step {max(kept)}) is kept" if kept else "no earlier checkpoint exists"
+        return CheckpointWriteError(
+            f"cannot write checkpoint {step} to {self.directory} ({reason}): free space on that disk or make it "
+            f"writable, then run the same command again to resume; {saved}"
+        )
 
     def close(self) -> None:
         self._manager.close()

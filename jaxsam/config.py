@@ -29,10 +29,14 @@ epochs: He et al. 2016 and the SAM paper's CIFAR ResNet baselines (Foret et al.
 2021, appendix C). Adam lr 1e-3: Kingma & Ba 2015's default, the rate of the
 original PyTorch study. SAM ρ = 0.05: Foret et al. 2021 (CIFAR-10). ASAM ρ = 0.5
 (SGD), η = 0.01: Kwon et al. 2021. GSAM α = 0.1 (Zhuang et al. 2022); LookSAM
-k = 5, α = 0.7 (Liu et al. 2022).
+k = 5, α = 0.7 (Liu et al. 2022). F-SAM σ = 1, λ = 0.95 (Li et al. 2024, the
+authors' code); VaSSO θ = 0.9 (Li & Giannakis 2023, the authors' code).
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -99,12 +103,19 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 5e-4
 
     c.sam = ml_collections.ConfigDict()
-    c.sam.name = "none"  # none | sam | asam | gsam | looksam
+    c.sam.name = "none"  # none | sam | asam | gsam | looksam | fsam | vasso | msam
     c.sam.rho = 0.05
     c.sam.rho_min = 0.0  # gsam: rho follows the learning rate from rho down to rho_min
     c.sam.eta = 0.01  # asam
+    # asam: the leaves scaled by |w| + eta (the others by 1): all | weights (not biases: Kwon et al.'s
+    # code) | kernels; see README "ASAM's ball".
+    c.sam.adaptive_leaves = "all"
     c.sam.alpha = 0.1  # gsam (0.1) / looksam (0.7)
     c.sam.k = 5  # looksam
+    c.sam.sigma = 1.0  # fsam: share of the estimated full gradient removed from the perturbation
+    c.sam.lmbda = 0.95  # fsam: decay of its gradient average (the authors' code default)
+    c.sam.theta = 0.9  # vasso: weight of the new gradient in its average (the authors' default)
+    # msam (Momentum-SAM) uses rho as its perturbation's norm: the authors use 3.0, not SAM's 0.05.
     c.sam.mask = "all"  # all | kernels (leave biases and BatchNorm unperturbed)
     # True: each device perturbs with its own gradient (m-sharpness, m = per-device
     # batch, as the SAM paper); False: one perturbation from the global gradient.
@@ -124,8 +135,11 @@ def base_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every_epochs = 10
     c.train.keep_checkpoints = 3
     c.train.progress = True  # tqdm bar
+    # Also write the step and epoch metrics as TensorBoard event files into <workdir>/tensorboard
+    # (tensorboardX); metrics.jsonl stays the record the report reads.
+    c.train.tensorboard = False
 
-    # Geometry tracked during training (jaxsam.geometry.track), written into
+    # Geometry tracked during training (jaxsam.track), written into
     # metrics.jsonl after the epoch's evaluation. 0 = off.
     c.track = ml_collections.ConfigDict()
     c.track.every_epochs = 0
@@ -160,3 +174,36 @@ def use_sam(c: ml_collections.ConfigDict, rho: float = 0.05) -> ml_collections.C
     c.sam.name = "sam"
     c.sam.rho = rho
     return c
+
+
+def flatten(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """{"model.name": "resnet18", ...}: a config's leaves by dotted name, as JSON values."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[f"{prefix}{key}"] = value
+
+    tree = json.loads(config.to_json_best_effort()) if isinstance(config, ml_collections.ConfigDict) else config
+    walk("", tree)
+    return out
+
+
+def changed_fields(
+    old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> list[str]:
+    """The sorted dotted names whose values differ between two flattened configs.
+
+    A field missing from `old` (a run or study made before the field existed)
+    counts as its value in `defaults`, so older folders stay resumable; names
+    in `ignore` (settings that may change between starts) are left out.
+
+    Example:
+      >>> changed_fields({"a": 1}, {"a": 1, "b": 2}, defaults={"b": 2})
+      []
+    """
+    ignored = set(ignore)
+    return sorted(k for k in set(old) | set(new) if k not in ignored and old.get(k, defaults.get(k)) != new.get(k))

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
+from jaxsam import files
 from jaxsam import study as study_lib
 from jaxsam.study import RunSpec
 
@@ -118,7 +119,7 @@ def _record(workdir: str, key: str, seconds: float) -> None:
         **code_version(), "host": socket.gethostname(), "jax": jax.__version__,
         "devices": f"{len(devices)} x {devices[0].device_kind}",
     }  # fmt: skip
-    study_lib._write_json(_provenance_path(workdir), record)
+    files.write_json(_provenance_path(workdir), record)
 
 
 @contextlib.contextmanager
@@ -149,7 +150,7 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
     Returns:
       [(what, seconds), ...] for each step done, in order.
     """
-    from jaxsam.geometry.measure import measure_run
+    from jaxsam.measure import measure_run
     from jaxsam.train import train_and_evaluate
 
     study, _ = study_lib.read_study(study_dir)
@@ -202,7 +203,7 @@ def check_copied_runs(study: ml_collections.ConfigDict, study_dir: str, specs: S
     measures are not those of the study, could only be redone by retraining
     on top of its records.
     """
-    from jaxsam.train import write_or_check_config
+    from jaxsam.workdir import write_or_check_config
 
     specs = list(specs)
     for spec in specs:
@@ -231,7 +232,7 @@ def gather_provenance(study_dir: str, specs: Sequence[RunSpec]) -> None:
         saved = json.load(f)
     runs = {s.path: read_provenance(os.path.join(study_dir, s.path)) for s in specs}
     saved["runs"] = {k: v for k, v in runs.items() if v}
-    study_lib._write_json(path, saved)
+    files.write_json(path, saved)
 
 
 def make_executor(name: str, study_dir: str, *, parallel: int = 1, slurm: SlurmOptions | None = None):

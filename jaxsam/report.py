@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxsam.geometry.measure import recalibrates
+from jaxsam.measure import recalibrates
 from jaxsam.stats import HIGHER, LOWER, NO_DIFFERENCE, kendall_tau_ci, paired_difference
 from jaxsam import study as lib  # study imports this module only inside write_report: no cycle
 

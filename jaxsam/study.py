@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable
 import ml_collections
 import numpy as np
 
-from jaxsam.config import base_config, use_adam, use_sam
+from jaxsam import files
+from jaxsam.config import base_config, changed_fields, flatten, use_adam, use_sam
 
 # ---------------------------------------------------------------------------
 # Arms: what each one changes in the run's config.
@@ -63,8 +64,10 @@ def _asam(c, rho: float):
     return c
 
 
-def _variant(c, name: str):
+def _variant(c, name: str, rho: float | None = None):
     c.sam.name = name
+    if rho is not None:
+        c.sam.rho = rho
     return c
 
 
@@ -88,6 +91,13 @@ ARMS: dict[str, Arm] = {
     "adam_asam": Arm("Adam + ASAM", lambda c: _asam(use_adam(c), 0.5), base="adam"),
     "adam_gsam": Arm("Adam + GSAM", lambda c: _variant(use_adam(c), "gsam"), base="adam"),
     "adam_looksam": Arm("Adam + LookSAM", lambda c: _variant(use_adam(c), "looksam"), base="adam"),
+    # Li et al. 2024, Li & Giannakis 2023 (SAM's ρ); Becker et al. 2024 (ρ = 3, their setting).
+    "sgd_fsam": Arm("SGD + F-SAM", lambda c: _variant(c, "fsam"), base="sgd"),
+    "sgd_vasso": Arm("SGD + VaSSO", lambda c: _variant(c, "vasso"), base="sgd"),
+    "sgd_msam": Arm("SGD + Momentum-SAM", lambda c: _variant(c, "msam", rho=3.0), base="sgd"),
+    "adam_fsam": Arm("Adam + F-SAM", lambda c: _variant(use_adam(c), "fsam"), base="adam"),
+    "adam_vasso": Arm("Adam + VaSSO", lambda c: _variant(use_adam(c), "vasso"), base="adam"),
+    "adam_msam": Arm("Adam + Momentum-SAM", lambda c: _variant(use_adam(c), "msam", rho=3.0), base="adam"),
     "original_sgd": Arm("SGD (original study)", lambda c: _original(c, "sgd")),
     "original_sgd_asam": Arm("SGD + ASAM ρ=2 (original)", lambda c: _asam(_original(c, "sgd"), 2.0),
                              base="original_sgd"),  # fmt: skip
@@ -141,7 +151,7 @@ def check_study(study: ml_collections.ConfigDict) -> None:
     (`jaxsam.validate.check_config`).
     """
     from jaxsam import validate
-    from jaxsam.geometry.measure import MEASURES
+    from jaxsam.measure import MEASURES
 
     models = _names(study.models, MODELS, "models")
     arms = _names(study.arms, ARMS, "arms")
@@ -189,16 +199,10 @@ def plan(study: ml_collections.ConfigDict) -> list[RunSpec]:
     return [RunSpec(model, arm, seed, index) for index, seed in enumerate(range(int(study.seeds))) for model, arm in grid]
 
 
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    from jaxsam.train import _flat as flat
-
-    return flat(config)
-
-
 def run_overrides(study: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields of `study.run` that differ from the size's defaults: applied to every arm."""
-    defaults = _flat(base_config(study.size))
-    return {k: v for k, v in _flat(study.run).items() if defaults.get(k) != v}
+    defaults = flatten(base_config(study.size))
+    return {k: v for k, v in flatten(study.run).items() if defaults.get(k) != v}
 
 
 def run_config(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
@@ -212,7 +216,7 @@ def run_config(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collection
 
 def measure_options(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
     """The measure options of one run: the study's, plus the figure-only measures on the first seeds."""
-    from jaxsam.geometry.measure import MEASURES
+    from jaxsam.measure import MEASURES
 
     options = ml_collections.ConfigDict(study.measure.to_dict())
     if spec.seed_index < int(study.figure_seeds) and study.figure_measures.strip():
@@ -237,11 +241,7 @@ def interpolation_partner(specs: list[RunSpec], spec: RunSpec) -> RunSpec | None
 
 
 def _epoch_records(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in (json.loads(line) for line in f if line.strip()) if "test_accuracy" in r]
+    return [r for r in files.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "test_accuracy" in r]
 
 
 def training_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
@@ -282,13 +282,6 @@ def is_measured(workdir: str, options: ml_collections.ConfigDict, compare_to: st
 # Running the study.
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
 def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, command: str) -> None:
     """study.json: written on the first start; a later start may change the grid, not the settings."""
     path = os.path.join(study_dir, "study.json")
@@ -298,23 +291,20 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
             saved = json.load(f)
         if saved["study"] == current:
             return
-        from jaxsam.geometry.measure import measure_options as measure_defaults
-        from jaxsam.train import _flat as flat
-
+        from jaxsam.measure import measure_options as measure_defaults
         grid = ("models", "arms", "extra_arms", "seeds", "figure_seeds", "figure_measures")
-        old, new = flat(ml_collections.ConfigDict(saved["study"])), flat(study)
+        old, new = flatten(saved["study"]), flatten(study)
         # A run or measure field the saved study predates counts as its default (older study folders resume).
         size = old.get("run.size", "full")
-        defaults = {f"run.{k}": v for k, v in flat(base_config(size)).items()}
-        defaults.update({f"measure.{k}": v for k, v in flat(measure_defaults(size)).items()})
-        changed = sorted({k.split(".")[0] for k in set(old) | set(new)
-                          if k not in grid and old.get(k, defaults.get(k)) != new.get(k)})  # fmt: skip
+        defaults = {f"run.{k}": v for k, v in flatten(base_config(size)).items()}
+        defaults.update({f"measure.{k}": v for k, v in flatten(measure_defaults(size)).items()})
+        changed = sorted({k.split(".")[0] for k in changed_fields(old, new, defaults, grid)})
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "
                 f"(only the grid, models/arms/seeds/figure_*, may change between starts)"
             )
-    _write_json(path, {"study": current, "command": command})
+    files.write_json(path, {"study": current, "command": command})
 
 
 def read_study(study_dir: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -518,10 +508,8 @@ def write_report(study_dir: str) -> dict[str, Any]:
     summary["paired"] = report.paired(study, rows)
     figures = report_figures.figures(study, rows, os.path.join(study_dir, "figures"))
     text = report.markdown(study, command, rows, summary, figures, planned)
-    with open(os.path.join(study_dir, "report.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(study_dir, "report.md.tmp"), os.path.join(study_dir, "report.md"))
-    _write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary))
+    files.write_atomic(os.path.join(study_dir, "report.md"), text)
+    files.write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary))
     return summary
 
 

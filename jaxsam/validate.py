@@ -1,7 +1,7 @@
 """User input checked once, before anything is written: training configs, measure options, command lines.
 
 `check_config(config)` checks every field of a training config (`jaxsam.config.base_config`),
-`check_measure_options(options)` every measure option (`jaxsam.geometry.measure.measure_options`):
+`check_measure_options(options)` every measure option (`jaxsam.measure.measure_options`):
 names against the known ones, numbers against their ranges. Each problem raises `ValueError` with
 one line naming the field and the fix, with "did you mean ...?" for a near miss. `flags_parser`
 makes a bad command line (unknown flag or config field, wrong type, missing config file, unknown
@@ -11,10 +11,13 @@ size, positional argument) one `error: ...` line on stderr and exit code 2 in th
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import sys
 from typing import Any, Callable, Iterable, Optional
+
+from jaxsam.config import flatten
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
@@ -30,6 +33,7 @@ INT2 = ("an integer >= 2", lambda v: type(v) is int and v >= 2)
 POSITIVE = ("a finite number > 0", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0)
 NONNEGATIVE = ("a finite number >= 0", lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0)
 UNIT = ("a number in [0, 1)", lambda v: type(v) in (int, float) and 0 <= v < 1)
+UNIT_RIGHT = ("a number in (0, 1]", lambda v: type(v) in (int, float) and 0 < v <= 1)
 PAIRS = ("an even integer >= 4 (samples/2 antithetic pairs)", lambda v: type(v) is int and v >= 4 and v % 2 == 0)
 BOOL = ("true or false", lambda v: isinstance(v, bool))
 STRING = ("a string", lambda v: isinstance(v, str))
@@ -42,10 +46,10 @@ CONFIG_RANGES = {
     "optimizer.nesterov": BOOL, "optimizer.b1": UNIT, "optimizer.b2": UNIT, "optimizer.eps": POSITIVE,
     "optimizer.weight_decay": NONNEGATIVE,
     "sam.rho": NONNEGATIVE, "sam.rho_min": NONNEGATIVE, "sam.eta": NONNEGATIVE, "sam.alpha": NONNEGATIVE,
-    "sam.k": INT1, "sam.per_device": BOOL,
+    "sam.k": INT1, "sam.per_device": BOOL, "sam.sigma": NONNEGATIVE, "sam.lmbda": UNIT, "sam.theta": UNIT_RIGHT,
     "train.num_epochs": INT1, "train.max_steps": INT0, "train.batch_size": INT1, "train.eval_batch_size": INT1,
     "train.label_smoothing": UNIT, "train.log_every_steps": INT1, "train.checkpoint_every_epochs": INT1,
-    "train.keep_checkpoints": INT1, "train.progress": BOOL,
+    "train.keep_checkpoints": INT1, "train.progress": BOOL, "train.tensorboard": BOOL,
     "track.every_epochs": INT0, "track.n_examples": INT1, "track.batch_size": INT1, "track.lanczos_iters": INT1,
     "track.rho": POSITIVE, "track.ascent_steps": INT1, "track.sigma": POSITIVE, "track.samples": PAIRS,
 }  # fmt: skip
@@ -62,14 +66,6 @@ def did_you_mean(value: Any, choices: Iterable[Any]) -> Optional[str]:
     """The closest of `choices` to `value` (difflib), or None when none is close."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return close[0] if close else None
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} of the leaves of a ConfigDict or nested dict."""
-    out: dict[str, Any] = {}
-    for key, value in (config.to_dict() if hasattr(config, "to_dict") else config).items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
 
 
 def unknown_field(path: str, fields: Iterable[str], flag: str) -> str:
@@ -141,8 +137,8 @@ def check_config(config: Any, *, flag: str = "--config") -> None:
       Traceback (most recent call last):
       ValueError: unknown optimizer 'adma': use one of adam, adamw, sgd; did you mean adam? (--config.optimizer.name=adam)
     """
-    from jaxsam import config as config_lib, data, models, train
-    from jaxsam.geometry.track import TRACKABLE
+    from jaxsam import config as config_lib, data, models, sam, train
+    from jaxsam.track import TRACKABLE
     from jaxsam.models.layers import CONV_IMPLS
 
     size, sizes = flatten(config).get("size", "full"), config_lib.SIZES
@@ -159,6 +155,7 @@ def check_config(config: Any, *, flag: str = "--config") -> None:
     c.choice("optimizer.schedule", SCHEDULES)
     c.choice("sam.name", train.SAM_VARIANTS)
     c.choice("sam.mask", MASKS)
+    c.choice("sam.adaptive_leaves", sam.ADAPTIVE_LEAVES)
     c.choice("train.nan_policy", train.NAN_POLICIES)
     c.names("track.measures", TRACKABLE, "measure")
     c.ranges(CONFIG_RANGES)
@@ -166,17 +163,20 @@ def check_config(config: Any, *, flag: str = "--config") -> None:
     if warmup and (c["optimizer.schedule"] != "cosine" or warmup >= epochs):  # else ignored, or no decay left
         raise ValueError(f"optimizer.warmup_epochs={warmup:g} needs the cosine schedule and fewer epochs than "
                          f"train.num_epochs={epochs}: e.g. {c.fix('optimizer.warmup_epochs', 0)}")  # fmt: skip
+    if c["train.tensorboard"] and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError(f"train.tensorboard=true writes through tensorboardX, which is not installed: "
+                         f"pip install tensorboardX, or {c.fix('train.tensorboard', False)}")  # fmt: skip
 
 
 def check_measure_options(options: Any, *, flag: str = "--options") -> None:
     """Raises `ValueError` (one line naming the option and the fix) for measure options that cannot run.
 
     Args:
-      options: `jaxsam.geometry.measure.measure_options(size)`, as --options.x=v change it.
+      options: `jaxsam.measure.measure_options(size)`, as --options.x=v change it.
       flag: how the fixes name the options on the command line (a study's: "--config.measure").
     """
     from jaxsam.geometry.loss import BN_MODES
-    from jaxsam.geometry.measure import MEASURES, measure_options
+    from jaxsam.measure import MEASURES, measure_options
 
     o = _Fields(options, flatten(measure_options()), flag, shown=flag[2:] + ".")
     o.names("measures", MEASURES, "measure")
@@ -208,7 +208,13 @@ def flags_parser(*config_flags: str) -> Callable[[list[str]], list[str]]:
         from absl import flags
 
         try:
-            rest = flags.FLAGS(argv)  # --help prints the usage and exits here
+            try:
+                rest = flags.FLAGS(argv)  # --help prints the usage and exits here
+            except SystemExit:
+                if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+                    _print_fields(config_flags, argv)
+                    sys.exit(0)  # absl exits 1 after the usage; asking for help is not an error
+                raise
             for name in config_flags:  # a missing config file raises only when the config is read
                 getattr(flags.FLAGS[name].value, "get", None)
         except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as err:
@@ -218,6 +224,18 @@ def flags_parser(*config_flags: str) -> Callable[[list[str]], list[str]]:
         return rest
 
     return parse
+
+
+def _print_fields(config_flags: tuple[str, ...], argv: list[str]) -> None:
+    """After --help's usage: every field of each config flag with its value in the chosen file and size."""
+    for name in config_flags:
+        argument = _argument(argv, name)
+        fields = _fields_of(name, argument)
+        if not fields:
+            continue
+        print(f"\n--{name} fields{f' of {argument}' if argument else ''} (set one with --{name}.<field>=<value>):")
+        for field, value in fields.items():
+            print(f"  --{name}.{field}={str(value).lower() if isinstance(value, bool) else value}")
 
 
 def check_overrides(name: str, config: Any, argv: Optional[list[str]] = None) -> None:

@@ -23,7 +23,7 @@ _COMPARE = flags.DEFINE_string(
 _SIZE = flags.DEFINE_enum("size", None, ["full", "fit", "cpu", "smoke"], "option defaults (default: the run's config size)")
 
 def _all_options():
-    from jaxsam.geometry.measure import measure_options
+    from jaxsam.measure import measure_options
 
     return measure_options()
 
@@ -38,7 +38,7 @@ def main(argv):
     del argv  # validate.flags_parser refuses positional arguments
     logging.set_verbosity(logging.WARNING)
     from jaxsam import data
-    from jaxsam.geometry.measure import measure_options, measure_run
+    from jaxsam.measure import measure_options, measure_run
     from jaxsam.train import read_config
 
     start = time.time()

@@ -68,3 +68,19 @@ def pytest_collection_modifyitems(config, items):
     group first) and then single tests in collection order; a slow single test collected last
     (the two-process run in test_train.py) would otherwise start last and leave one worker idle."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def tiny_train_config(**overrides):
+    """A training config of seconds: the smoke network on 128 synthetic images, 2 epochs of 4 steps."""
+    from jaxsam.config import base_config
+
+    c = base_config("smoke")
+    c.train.progress = False
+    c.data.synthetic_train = 128
+    c.data.synthetic_test = 64
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 32
+    c.train.num_epochs = 2
+    c.optimizer.learning_rate = 0.05
+    c.update_from_flattened_dict(overrides)
+    return c

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsam.geometry import driver, hessian, sharpness
+from jaxsam.geometry import driver, hessian, landscape, sharpness
 from jaxsam.geometry.hessian import hvp
 from jaxsam.geometry.loss import make_loss_fn
 
@@ -37,12 +37,20 @@ def _close(a, b, rtol=1e-9):
 
 
 def test_host_sums_over_microbatches_equal_the_scanned_loss_its_gradient_and_hvp(tiny):
+    """The executor's oracle calls (one compiled call per microbatch on the host, one scan compiled) against
+    autodiff of the scanned loss: value, gradient, Hessian-vector product, accuracy."""
     loss_fn, params = tiny
     v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
-    value, grads = loss_fn.value_and_grad(params)
-    assert float(value) == pytest.approx(float(loss_fn(params)), rel=1e-13)
-    assert float(loss_fn.value(params)) == pytest.approx(float(loss_fn(params)), rel=1e-13)
-    _close(grads, jax.grad(loss_fn)(params), rtol=1e-11)
+    plain = lambda p: loss_fn.sums(p)[0] / 23  # noqa: E731  # autodiff straight through the scan
+    for host in (True, False):
+        with driver.loops_on_host(host):
+            value, grads = driver.value_and_grad(loss_fn, params)
+            assert float(value) == pytest.approx(float(loss_fn(params)), rel=1e-13)
+            assert float(driver.value(loss_fn, params)) == pytest.approx(float(plain(params)), rel=1e-13)
+            _close(grads, jax.grad(plain)(params), rtol=1e-11)
+            _close(driver.hvp(loss_fn, params, v), jax.jvp(jax.grad(plain), (params,), (v,))[1], rtol=1e-11)
+            _, accuracy = driver.value_and_accuracy(loss_fn, params)
+            assert float(accuracy) == pytest.approx(float(loss_fn.sums(params)[1]) / 23, rel=1e-13)
     _close(loss_fn.hvp(params, v), hvp(loss_fn, params, v), rtol=1e-11)
 
 
@@ -53,7 +61,7 @@ def test_host_sums_over_microbatches_equal_the_scanned_loss_its_gradient_and_hvp
 )
 def test_worst_case_ascent_is_the_same_on_the_host(tiny, settings):
     loss_fn, params = tiny
-    compiled, host = _both(lambda: sharpness.worst_case_sharpness(loss_fn, params, steps=12, **settings))
+    compiled, host = _both(lambda: sharpness.worst_case_sharpness(loss_fn, params, key=jax.random.key(0), steps=12, **settings))
     assert host.value > 0
     for field in ("value", "loss", "perturbed_loss", "delta_norm", "standard_error"):
         assert getattr(host, field) == pytest.approx(getattr(compiled, field), rel=1e-9, abs=1e-13), field
@@ -95,6 +103,18 @@ def test_trace_density_and_preconditioned_are_the_same_on_the_host(tiny):
     _, state = tx.update(jax.grad(loss_fn)(params), state, params)
     compiled, host = _both(lambda: hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=8))
     assert host.eigenvalue == pytest.approx(compiled.eigenvalue, rel=1e-9)
+
+
+def test_landscape_grids_are_the_same_on_the_host(tiny):
+    loss_fn, params = tiny
+    d1 = landscape.random_direction(jax.random.key(4), params)
+    d2 = landscape.random_direction(jax.random.key(5), params)
+    compiled, host = _both(lambda: landscape.surface_2d(loss_fn, params, d1, d2, num=(3, 2), batch_size=4))
+    _close(host.loss, compiled.loss)
+    _close(host.accuracy, compiled.accuracy)
+    moved = jax.tree.map(jnp.add, params, d1)
+    compiled, host = _both(lambda: landscape.interpolate(loss_fn, params, moved, num=4))
+    _close(host.loss, compiled.loss)
 
 
 def test_the_default_follows_the_backend_and_the_environment(monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 
 from jaxsam.geometry import landscape
 from jaxsam.geometry import loss as loss_lib
+from jaxsam.geometry import recalibration
 
 TIGHT = 1e-12  # float64: the same arithmetic inside and outside jit/lax.map
 
@@ -341,7 +342,7 @@ def _perturbed(params):
 @pytest.mark.parametrize("batches", [None, 2])
 def test_recomputed_batch_stats_are_the_average_of_batch_statistics(bn_problem, batches):
     model, variables, _, _, calib = bn_problem
-    stats_fn = landscape.make_batch_stats_fn(model, variables, calib, batch_size=8, calib_batches=batches)
+    stats_fn = recalibration.make_batch_stats_fn(model, variables, calib, batch_size=8, calib_batches=batches)
     used = 3 if batches is None else batches  # 26 images: 3 full batches of 8, the rest dropped
     for params in (variables["params"], _perturbed(variables["params"])):
         got = jax.jit(stats_fn)(params)
@@ -354,7 +355,7 @@ def test_recomputed_batch_stats_are_the_average_of_batch_statistics(bn_problem, 
 
 def test_recalibrated_loss_uses_fresh_statistics(bn_problem):
     model, variables, images, labels, calib = bn_problem
-    recal = landscape.make_recalibrated_loss_fn(
+    recal = recalibration.make_recalibrated_loss_fn(
         model, variables, images, labels, calib, batch_size=5, calib_batch_size=8
     )
     assert recal.info["recalibrated"] is True and recal.info["calib_batches"] == 3 and recal.info["bn"] == "eval"
@@ -390,6 +391,6 @@ def test_recalibrated_loss_uses_fresh_statistics(bn_problem):
 def test_recalibration_refuses_impossible_requests(bn_problem):
     model, variables, images, labels, calib = bn_problem
     with pytest.raises(ValueError, match="batch_stats"):
-        landscape.make_batch_stats_fn(model, {"params": variables["params"]}, calib, batch_size=8)
+        recalibration.make_batch_stats_fn(model, {"params": variables["params"]}, calib, batch_size=8)
     with pytest.raises(ValueError, match="at most 3 batches"):
-        landscape.make_batch_stats_fn(model, variables, calib, batch_size=8, calib_batches=4)
+        recalibration.make_batch_stats_fn(model, variables, calib, batch_size=8, calib_batches=4)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxsam.config import base_config
-from jaxsam.geometry.measure import MEASURES, measure_options, measure_run
+from jaxsam.measure import MEASURES, measure_options, measure_run
 from jaxsam.train import read_config, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxsam
-from jaxsam.sam import gsam_transform, looksam_transform, sam_transform
+from jaxsam.sam import (
+    friendly_sam_transform,
+    gradient_point,
+    gsam_transform,
+    looksam_transform,
+    momentum_sam_transform,
+    sam_transform,
+    vasso_transform,
+)
 
 
 def _grad_fn(loss, batch):
@@ -136,8 +144,11 @@ def test_rho_following_lr():
         lambda rho: sam_transform(rho=rho, adaptive=True),
         lambda rho: gsam_transform(rho=rho, alpha=0.2),
         lambda rho: looksam_transform(rho=rho, k=3),
+        lambda rho: friendly_sam_transform(rho=rho),
+        lambda rho: vasso_transform(rho=rho),
+        lambda rho: momentum_sam_transform(rho=rho),
     ],
-    ids=["sam", "asam", "gsam", "looksam"],
+    ids=["sam", "asam", "gsam", "looksam", "fsam", "vasso", "msam"],
 )
 @pytest.mark.parametrize("rho", [0.0, optax.constant_schedule(0.0)], ids=["float", "schedule"])
 @pytest.mark.parametrize("base", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(1e-2)], ids=["sgd", "adam"])
@@ -147,7 +158,8 @@ def test_rho_zero_is_exactly_the_base_optimizer(mlp_problem, make_sam, rho, base
     p_sam, p_base = params, params
     s_sam, s_base = tx_sam.init(params), tx_base.init(params)
     for _ in range(3):
-        g_sam, g_base = jax.grad(loss)(p_sam, batch), jax.grad(loss)(p_base, batch)
+        # gradient_point is p_sam itself except for Momentum-SAM, whose gradient is taken at w + ε.
+        g_sam, g_base = jax.grad(loss)(gradient_point(s_sam, p_sam), batch), jax.grad(loss)(p_base, batch)
         u_sam, s_sam = tx_sam.update(g_sam, s_sam, p_sam, grad_fn=_grad_fn(loss, batch))
         u_base, s_base = tx_base.update(g_base, s_base, p_base)
         p_sam, p_base = optax.apply_updates(p_sam, u_sam), optax.apply_updates(p_base, u_base)
@@ -293,8 +305,9 @@ def test_gradient_descent_ends_sharp_and_sam_ends_flat(x64, start):
 
 @pytest.mark.parametrize(
     "tx",
-    [sam_transform(0.05), sam_transform(0.05, adaptive=True), gsam_transform(0.05, 0.1), looksam_transform(0.05, 2)],
-    ids=["sam", "asam", "gsam", "looksam"],
+    [sam_transform(0.05), sam_transform(0.05, adaptive=True), gsam_transform(0.05, 0.1), looksam_transform(0.05, 2),
+     friendly_sam_transform(0.05), vasso_transform(0.05), momentum_sam_transform(3.0)],
+    ids=["sam", "asam", "gsam", "looksam", "fsam", "vasso", "msam"],
 )
 def test_zero_gradient_gives_finite_updates(mlp_problem, tx):
     params, _, _ = mlp_problem
@@ -302,13 +315,15 @@ def test_zero_gradient_gives_finite_updates(mlp_problem, tx):
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update(zeros, state, params, grad_fn=lambda p: zeros)
-        chex.assert_tree_all_finite((updates, state))
+        chex.assert_tree_all_finite((updates, state, gradient_point(state, params)))
 
 
 @pytest.mark.parametrize(
     "make_sam",
-    [lambda: sam_transform(0.05), lambda: gsam_transform(0.05, 0.1), lambda: looksam_transform(0.05, k=3)],
-    ids=["sam", "gsam", "looksam"],
+    [lambda: sam_transform(0.05), lambda: gsam_transform(0.05, 0.1), lambda: looksam_transform(0.05, k=3),
+     lambda: friendly_sam_transform(0.05), lambda: vasso_transform(0.05), lambda: momentum_sam_transform(3.0),
+     lambda: sam_transform(0.05, has_aux=True)],
+    ids=["sam", "gsam", "looksam", "fsam", "vasso", "msam", "sam_aux"],
 )
 @pytest.mark.parametrize(
     "make_base",
@@ -323,11 +338,13 @@ def test_zero_gradient_gives_finite_updates(mlp_problem, tx):
 def test_jit_and_checkpointed_state_give_the_same_next_update(tmp_path, mlp_problem, make_sam, make_base):
     params, batch, loss = mlp_problem
     tx = optax.chain(make_sam(), make_base())
+    with_loss = lambda p: (jax.grad(loss)(p, batch), loss(p, batch))  # noqa: E731 (has_aux: the perturbed loss)
 
     @jax.jit
     def step(params, state):
-        g = jax.grad(loss)(params, batch)
-        updates, state = tx.update(g, state, params, grad_fn=_grad_fn(loss, batch))
+        g = jax.grad(loss)(gradient_point(state, params), batch)
+        grad_fn = with_loss if isinstance(state[0], jaxsam.AuxState) else _grad_fn(loss, batch)
+        updates, state = tx.update(g, state, params, grad_fn=grad_fn)
         return optax.apply_updates(params, updates), state, updates
 
     state = tx.init(params)
@@ -343,8 +360,9 @@ def test_jit_and_checkpointed_state_give_the_same_next_update(tmp_path, mlp_prob
     _, _, got = step(params, restored)
     chex.assert_trees_all_equal(got, expected)
     # The eager (un-jitted) update agrees with the jitted one.
-    g = jax.grad(loss)(params, batch)
-    eager, _ = tx.update(g, restored, params, grad_fn=_grad_fn(loss, batch))
+    g = jax.grad(loss)(gradient_point(restored, params), batch)
+    grad_fn = with_loss if isinstance(restored[0], jaxsam.AuxState) else _grad_fn(loss, batch)
+    eager, _ = tx.update(g, restored, params, grad_fn=grad_fn)
     _tree_close(eager, expected, 1e-6)
 
 
@@ -391,6 +409,14 @@ def test_axis_name_perturbs_each_shard_with_its_own_gradient(x64, mlp_problem, m
         (lambda: looksam_transform(rho=0.05, k=0), ValueError, r"k must be an integer >= 1 \(got 0\)"),
         (lambda: looksam_transform(rho=0.05, k=2.5), ValueError, "k must be an integer >= 1"),
         (lambda: looksam_transform(rho=0.05, alpha=-0.1), ValueError, "alpha must be >= 0"),
+        (lambda: sam_transform(adaptive=True, adaptive_leaves="kernel"), ValueError,
+         "adaptive_leaves must be one of all, weights, kernels"),
+        (lambda: friendly_sam_transform(rho=-1.0), ValueError, "friendly_sam_transform: rho must be"),
+        (lambda: friendly_sam_transform(lmbda=1.0), ValueError, r"lmbda must be in \[0, 1\) \(got 1.0\)"),
+        (lambda: friendly_sam_transform(sigma=-1.0), ValueError, "sigma must be >= 0"),
+        (lambda: vasso_transform(theta=0.0), ValueError, r"theta must be in \(0, 1\] \(got 0.0\)"),
+        (lambda: momentum_sam_transform(rho=-3.0), ValueError, r"rho must be a finite number >= 0 .* momentum_sam"),
+        (lambda: momentum_sam_transform(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
     ],
 )
 def test_bad_arguments_say_how_to_call(build, error, message):
@@ -398,7 +424,8 @@ def test_bad_arguments_say_how_to_call(build, error, message):
         build()
 
 
-@pytest.mark.parametrize("make_sam", [sam_transform, gsam_transform, looksam_transform])
+@pytest.mark.parametrize("make_sam", [sam_transform, gsam_transform, looksam_transform, friendly_sam_transform,
+                                      vasso_transform])
 def test_missing_grad_fn_or_params_says_how_to_call(mlp_problem, make_sam):
     params, batch, loss = mlp_problem
     tx = optax.chain(make_sam(0.05), optax.sgd(0.1))
@@ -412,7 +439,8 @@ def test_missing_grad_fn_or_params_says_how_to_call(mlp_problem, make_sam):
         tx.update(g, state, params, grad_fn=g)
 
 
-@pytest.mark.parametrize("make_sam", [sam_transform, gsam_transform, looksam_transform])
+@pytest.mark.parametrize("make_sam", [sam_transform, gsam_transform, looksam_transform, friendly_sam_transform,
+                                      vasso_transform])
 def test_a_grad_fn_returning_a_pair_is_one_clear_error(mlp_problem, make_sam):
     params, batch, loss = mlp_problem
     tx = optax.chain(make_sam(0.05), optax.sgd(0.1))

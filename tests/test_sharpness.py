@@ -16,6 +16,7 @@ from jaxsam.geometry.loss import make_loss_fn
 from jaxsam.geometry.sharpness import average_case_sharpness, first_order_sharpness, worst_case_sharpness
 
 EIGENVALUES = np.array([5.0, 3.0, 1.0, 0.5, -0.5, -2.0])
+KEY = jax.random.key(0)  # the ascent's tiny random start
 
 
 def _quadratic(seed=0, eigenvalues=EIGENVALUES):
@@ -45,7 +46,7 @@ def test_l2_worst_case_matches_the_exact_trust_region_maximum(x64, rho):
     a, b, loss = _quadratic()
     w = jnp.asarray(np.random.RandomState(1).randn(6))
     exact = _trust_region_max(a, np.asarray(a @ w + b), rho)
-    result = worst_case_sharpness(loss, w, rho, steps=100)
+    result = worst_case_sharpness(loss, w, rho, KEY, steps=100)
     assert result.value == pytest.approx(exact, rel=1e-4)
     assert result.at_boundary and result.delta_norm == pytest.approx(rho, rel=1e-9)
     assert result.perturbed_loss - result.loss == pytest.approx(result.value)
@@ -57,7 +58,7 @@ def test_at_a_minimum_worst_case_is_half_rho_squared_lambda_max(x64):
     a, b, loss = _quadratic()
     w_star = jnp.asarray(np.linalg.solve(a, -b))  # ∇L = 0: only the curvature counts
     for rho in (1e-3, 0.1):
-        result = worst_case_sharpness(loss, w_star, rho, steps=100)
+        result = worst_case_sharpness(loss, w_star, rho, KEY, steps=100)
         assert result.value == pytest.approx(0.5 * rho**2 * EIGENVALUES.max(), rel=1e-4)
 
 
@@ -69,7 +70,7 @@ def test_linf_worst_case_matches_the_separable_box_maximum(x64):
     w = jnp.array([0.5, 0.2, -0.1, 0.0])
     g = diag * np.asarray(w) + b
     rho = 0.2
-    result = worst_case_sharpness(loss, w, rho, norm="linf", steps=30)
+    result = worst_case_sharpness(loss, w, rho, KEY, norm="linf", steps=30)
     assert result.value == pytest.approx(np.sum(np.abs(g) * rho + 0.5 * diag * rho**2), rel=1e-10)
     assert result.delta_norm == pytest.approx(rho)
 
@@ -84,7 +85,7 @@ def test_small_ball_sharpness_is_the_second_order_term_at_a_minimum(x64):
     loss = _quartic(a)
     w0 = jnp.zeros(6)
     rho = sigma = 1e-2
-    worst = worst_case_sharpness(loss, w0, rho, steps=100)
+    worst = worst_case_sharpness(loss, w0, rho, KEY, steps=100)
     assert worst.value == pytest.approx(0.5 * rho**2 * 4.0, rel=1e-3)  # O(ρ²) correction from w⁴
     average = average_case_sharpness(loss, w0, sigma, jax.random.key(0), n=4000)
     exact = 0.5 * sigma**2 * np.trace(a)
@@ -141,7 +142,7 @@ def test_worst_case_dominates_average_case_which_is_positive_at_a_minimum(x64):
     a, _, _ = _quadratic(eigenvalues=np.array([4.0, 2.0, 1.0, 0.5, 0.1, 0.0]))
     loss = _quartic(a)
     rho = 0.5
-    worst = worst_case_sharpness(loss, jnp.zeros(6), rho, steps=50)
+    worst = worst_case_sharpness(loss, jnp.zeros(6), rho, KEY, steps=50)
     # σ = ρ/√d: the Gaussian's mean squared norm is ρ², the ball's radius.
     average = average_case_sharpness(loss, jnp.zeros(6), rho / np.sqrt(6), jax.random.key(0), n=256)
     assert worst.value > average.value + 3 * average.standard_error
@@ -150,14 +151,14 @@ def test_worst_case_dominates_average_case_which_is_positive_at_a_minimum(x64):
 
 def test_worst_case_is_non_decreasing_in_rho(x64):
     params, loss = _mlp_problem()
-    values = [worst_case_sharpness(loss, params, rho, steps=30).value for rho in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    values = [worst_case_sharpness(loss, params, rho, KEY, steps=30).value for rho in (0.01, 0.03, 0.1, 0.3, 1.0)]
     assert np.all(np.diff(values) > 0), values
 
 
 def test_worst_case_says_whether_its_ascent_levelled_off(x64):
     """`converged` is read from the curve: the last quarter of the steps raised the value by <= 0.1%."""
     params, loss = _mlp_problem()
-    short, long = (worst_case_sharpness(loss, params, 0.3, steps=n) for n in (2, 60))
+    short, long = (worst_case_sharpness(loss, params, 0.3, KEY, steps=n) for n in (2, 60))
     for r in (short, long):
         q = max(1, len(r.curve) // 4)
         assert r.last_gain == pytest.approx((r.curve[-1] - r.curve[-1 - q]) / r.curve[-1], rel=1e-12)
@@ -176,11 +177,11 @@ def test_adaptive_sharpness_is_invariant_to_relu_rescaling_and_plain_is_not(x64)
     rescaled = {"w1": alpha * params["w1"], "w2": params["w2"] / alpha}
     assert loss(rescaled) == pytest.approx(float(loss(params)), rel=1e-12)  # same function
     for norm, rho in (("l2", 0.1), ("linf", 0.01)):
-        original = worst_case_sharpness(loss, params, rho, norm=norm, adaptive=True, steps=20)
-        scaled = worst_case_sharpness(loss, rescaled, rho, norm=norm, adaptive=True, steps=20)
+        original = worst_case_sharpness(loss, params, rho, KEY, norm=norm, adaptive=True, steps=20)
+        scaled = worst_case_sharpness(loss, rescaled, rho, KEY, norm=norm, adaptive=True, steps=20)
         assert scaled.value == pytest.approx(original.value, rel=1e-8)
-    plain = worst_case_sharpness(loss, params, 0.1, steps=20).value
-    plain_rescaled = worst_case_sharpness(loss, rescaled, 0.1, steps=20).value
+    plain = worst_case_sharpness(loss, params, 0.1, KEY, steps=20).value
+    plain_rescaled = worst_case_sharpness(loss, rescaled, 0.1, KEY, steps=20).value
     assert abs(plain_rescaled - plain) > 0.1 * plain
     # The raw top Hessian eigenvalue is not invariant either (exact: 56 Lanczos steps on 56 parameters).
     lam = top_eigenvalues(loss, params, jax.random.key(0), iters=56).eigenvalues[0]
@@ -194,8 +195,8 @@ def test_adaptive_sharpness_is_invariant_to_relu_rescaling_and_plain_is_not(x64)
 def test_mask_leaves_entries_unperturbed(x64):
     loss = lambda p: 0.5 * (10.0 * p["a"] ** 2 + p["b"] ** 2)  # noqa: E731
     params = {"a": jnp.zeros([]), "b": jnp.zeros([])}
-    full = worst_case_sharpness(loss, params, 0.1, steps=50)
-    masked = worst_case_sharpness(loss, params, 0.1, steps=50, mask={"a": False, "b": True})
+    full = worst_case_sharpness(loss, params, 0.1, KEY, steps=50)
+    masked = worst_case_sharpness(loss, params, 0.1, KEY, steps=50, mask={"a": False, "b": True})
     assert full.value == pytest.approx(0.5 * 0.01 * 10.0, rel=1e-6)
     assert masked.value == pytest.approx(0.5 * 0.01 * 1.0, rel=1e-6)
 
@@ -256,31 +257,36 @@ def test_loss_fn_train_mode_uses_each_microbatch_statistics(x64):
     assert float(loss_fn(variables["params"])) == pytest.approx(sum(halves) / 20, rel=1e-12)
 
 
-def test_loss_fn_normalizes_uint8_images_like_training():
+def test_loss_fn_preprocesses_inputs_only_when_asked():
+    """uint8 pixels reach the model as they are unless a preprocessing function is given (CIFAR: data.normalize)."""
     from jaxsam import data
 
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (6, 2, 2, 3)).astype(np.uint8)
     model, variables, _, labels = _tiny_model_data(n=6)
-    loss_fn = make_loss_fn(model, variables, images, labels, batch_size=4)
+    normalized = make_loss_fn(model, variables, images, labels, batch_size=4, preprocess=data.normalize)
     float_fn = make_loss_fn(model, variables, np.asarray(data.normalize(images)), labels, batch_size=4)
-    assert float(loss_fn(variables["params"])) == float(float_fn(variables["params"]))
+    assert float(normalized(variables["params"])) == float(float_fn(variables["params"]))
+    raw = make_loss_fn(model, variables, images, labels, batch_size=4)
+    assert raw.batches[0].dtype == np.uint8  # kept as given
+    as_floats = make_loss_fn(model, variables, images.astype(np.float32), labels, batch_size=4)
+    assert float(raw(variables["params"])) == float(as_floats(variables["params"]))  # the model saw 0..255
 
 
 def test_m_sharpness_averages_the_per_chunk_ascents(x64):
     model, variables, images, labels = _tiny_model_data(n=20)
     params = variables["params"]
     loss_fn = make_loss_fn(model, variables, images, labels, batch_size=8)
-    chunked = worst_case_sharpness(loss_fn, params, 0.1, steps=10, m=10)
+    chunked = worst_case_sharpness(loss_fn, params, 0.1, KEY, steps=10, m=10)
     separately = [
-        worst_case_sharpness(make_loss_fn(model, variables, images[s], labels[s]), params, 0.1, steps=10).value
+        worst_case_sharpness(make_loss_fn(model, variables, images[s], labels[s]), params, 0.1, KEY, steps=10).value
         for s in (slice(0, 10), slice(10, 20))
     ]
     np.testing.assert_allclose(chunked.values, separately, rtol=1e-10)
     assert chunked.value == pytest.approx(np.mean(separately), rel=1e-10)
     assert chunked.standard_error == pytest.approx(np.std(separately, ddof=1) / np.sqrt(2), rel=1e-8)
-    whole = worst_case_sharpness(loss_fn, params, 0.1, steps=10, m=20)
-    assert whole.value == pytest.approx(worst_case_sharpness(loss_fn, params, 0.1, steps=10).value, rel=1e-10)
+    whole = worst_case_sharpness(loss_fn, params, 0.1, KEY, steps=10, m=20)
+    assert whole.value == pytest.approx(worst_case_sharpness(loss_fn, params, 0.1, KEY, steps=10).value, rel=1e-10)
 
 
 def test_results_are_json_with_the_loss_description(x64):
@@ -288,7 +294,7 @@ def test_results_are_json_with_the_loss_description(x64):
     loss_fn = make_loss_fn(model, variables, images, labels, batch_size=4, subset="train[:8]")
     params = variables["params"]
     for result in (
-        worst_case_sharpness(loss_fn, params, 0.05, steps=3),
+        worst_case_sharpness(loss_fn, params, 0.05, KEY, steps=3),
         average_case_sharpness(loss_fn, params, 0.01, jax.random.key(0), n=4),
         first_order_sharpness(loss_fn, params, 0.05),
     ):
@@ -300,10 +306,10 @@ def test_results_are_json_with_the_loss_description(x64):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda loss, p: worst_case_sharpness(loss, p, -0.1), "rho must be > 0"),
-        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, norm="l1"), "unknown norm"),
-        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, steps=0), "steps must be >= 1"),
-        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, m=4), "m-sharpness needs a loss built by make_loss_fn"),
+        (lambda loss, p: worst_case_sharpness(loss, p, -0.1, KEY), "rho must be > 0"),
+        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, KEY, norm="l1"), "unknown norm"),
+        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, KEY, steps=0), "steps must be >= 1"),
+        (lambda loss, p: worst_case_sharpness(loss, p, 0.1, KEY, m=4), "m-sharpness needs a loss built by make_loss_fn"),
         (lambda loss, p: average_case_sharpness(loss, p, 0.0, jax.random.key(0)), "sigma must be > 0"),
         (lambda loss, p: average_case_sharpness(loss, p, 0.1, jax.random.key(0), n=5), "n must be even and >= 4"),
         (lambda loss, p: average_case_sharpness(loss, p, 0.1, jax.random.key(0), n=1, antithetic=False),

@@ -15,24 +15,15 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_train_config
+
 from jaxsam.checkpoint import Checkpoints
-from jaxsam.config import base_config
 from jaxsam.train import make_optimizer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    c = base_config("smoke")
-    c.train.progress = False
-    c.data.synthetic_train = 128
-    c.data.synthetic_test = 64
-    c.train.batch_size = 32
-    c.train.eval_batch_size = 32
-    c.train.num_epochs = 2
-    c.optimizer.learning_rate = 0.05
-    c.update_from_flattened_dict(overrides)
-    return c
+tiny_config = tiny_train_config
 
 
 def _records(workdir):
@@ -149,7 +140,7 @@ def test_allow_config_change_keeps_the_old_config(sam_run, tmp_path):
     "overrides, message",
     [
         ({"optimizer.name": "lion"}, "unknown optimizer 'lion': use one of adam, adamw, sgd"),
-        ({"sam.name": "fsam"}, "unknown sam.name 'fsam': use one of asam, gsam, looksam, none, sam"),
+        ({"sam.name": "ssam"}, "unknown sam.name 'ssam': use one of asam, fsam, gsam, looksam, msam, none, sam, vasso"),
         ({"sam.rho": -0.1, "sam.name": "sam"}, "rho must be a finite number >= 0"),
         ({"model.name": "resnet50"}, "unknown model 'resnet50'"),
         ({"train.batch_size": 1024}, "exceeds the 128 training examples"),
@@ -162,11 +153,13 @@ def test_bad_config_is_one_clear_error(tmp_path, overrides, message):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-@pytest.mark.parametrize("sam_name", ["none", "sam", "looksam"])
+@pytest.mark.parametrize("sam_name", ["none", "sam", "looksam", "fsam", "vasso", "msam"])
 def test_optimizer_variants_train(sam_name):
     """Each optimizer chain makes finite progress for a few steps."""
     import jax.numpy as jnp
     import optax
+
+    from jaxsam.sam import gradient_point
 
     # Outside a mapped step there is no "data" axis: one global perturbation.
     config = tiny_config(**{"sam.name": sam_name, "optimizer.name": "adam", "optimizer.learning_rate": 1e-3, "sam.per_device": False})
@@ -176,10 +169,55 @@ def test_optimizer_variants_train(sam_name):
     loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
     grad = jax.grad(loss)
     for _ in range(3):
-        updates, state = tx.update(grad(params), state, params, grad_fn=grad)
+        updates, state = tx.update(grad(gradient_point(state, params)), state, params, grad_fn=grad)
         params = optax.apply_updates(params, updates)
     assert loss(params) < 3.0
     assert float(lr(0)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("sam_name, passes", [("msam", 1), ("sam", 2), ("fsam", 2), ("vasso", 2)])
+def test_the_train_step_takes_one_gradient_for_momentum_sam_and_two_for_sam(sam_name, passes):
+    """Forward passes per compiled train step, counted as they run: Momentum-SAM's one gradient is at its point."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxsam.sam import gradient_point
+    from jaxsam.train import create_train_state, per_device_train_step
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x.reshape((x.shape[0], -1))[:, :16]))
+            return nn.Dense(10)(x)
+
+    calls = []
+
+    class Counting:  # the model, with a callback that runs once per executed forward pass
+        def init(self, *args, **kwargs):
+            return Tiny().init(*args, **kwargs)
+
+        def apply(self, *args, **kwargs):
+            jax.debug.callback(lambda: calls.append(1))
+            return Tiny().apply(*args, **kwargs)
+
+    config = tiny_config(**{"sam.name": sam_name, "sam.rho": 0.5})
+    tx, _ = make_optimizer(config, 4)
+    state = create_train_state(Counting(), tx, jax.random.key(0))
+    step = jax.jit(jax.vmap(per_device_train_step(Counting(), tx), in_axes=(None, 0, 0), axis_name="data"))
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randint(0, 256, (1, 8, 32, 32, 3)).astype(np.uint8))
+    labels = jnp.asarray(rng.randint(0, 10, (1, 8)).astype(np.int32))
+    for _ in range(3):
+        state, sums = step(state, images, labels)
+        state = jax.tree.map(lambda x: x[0], state)
+    jax.effects_barrier()
+    assert len(calls) == 3 * passes
+    assert np.isfinite(float(sums["loss"][0]))
+    if sam_name == "msam":  # after a step its point is ρ from the parameters
+        point = gradient_point(state.opt_state, state.params)
+        distance = float(jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(point),
+                                                                             jax.tree.leaves(state.params)))))
+        assert distance == pytest.approx(0.5, rel=1e-5)
 
 
 # The per-device step checked on 8 devices of one process; then each of the
@@ -429,7 +467,7 @@ def test_an_unwritable_workdir_is_one_line_and_touches_nothing(tmp_path):
 
 @pytest.mark.xdist_group("sam_run")
 def test_checkpoints_of_another_network_are_refused(sam_run, tmp_path):
-    from jaxsam.train import load_run
+    from jaxsam.run import load_run
 
     config, workdir, _ = sam_run
     copy = str(tmp_path / "copy")

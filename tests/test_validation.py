@@ -11,7 +11,7 @@ from test_scripts import ROOT, _existing_run, _snapshot, assert_one_error_line, 
 
 from jaxsam import study as study_lib
 from jaxsam.config import SIZES, base_config
-from jaxsam.geometry.measure import measure_options
+from jaxsam.measure import measure_options
 from jaxsam.validate import check_config, check_measure_options
 
 
@@ -51,7 +51,8 @@ ENUMS = [
     ("data.source", "synthtic", r"did you mean synthetic\? \(--config.data.source=synthetic\)$"),
     ("optimizer.name", "adma", r"^unknown optimizer 'adma': use one of adam, adamw, sgd; did you mean adam\? \(--config.optimizer.name=adam\)$"),
     ("optimizer.schedule", "linear", r"^unknown optimizer.schedule 'linear': use cosine or constant \(--config.optimizer.schedule=...\)$"),
-    ("sam.name", "fsam", r"^unknown sam.name 'fsam': use one of asam, gsam, looksam, none, sam; did you mean sam\? \(--config.sam.name=sam\)$"),
+    ("sam.name", "ssam", r"^unknown sam.name 'ssam': use one of asam, fsam, gsam, looksam, msam, none, sam, vasso; did you mean sam\? \(--config.sam.name=sam\)$"),
+    ("sam.adaptive_leaves", "weight", r"^unknown sam.adaptive_leaves 'weight': use one of all, weights, kernels; did you mean weights\? \(--config.sam.adaptive_leaves=weights\)$"),
     ("sam.mask", "kernel", r"^unknown sam.mask 'kernel': use all or kernels; did you mean kernels\? \(--config.sam.mask=kernels\)$"),
     ("train.nan_policy", "ignore", r"^unknown train.nan_policy 'ignore': use stop or skip \(--config.train.nan_policy=...\)$"),
     ("track.measures", "lambda_max,foo", r"^unknown measure 'foo' in track.measures: choose from lambda_max, worst_case, average_case, first_order \(--config.track.measures=...\)$"),
@@ -94,6 +95,8 @@ RANGES = [
     ("sam.rho", -0.1, "a finite number >= 0"), ("sam.rho", float("nan"), "a finite number >= 0"),
     ("sam.rho_min", -0.1, "a finite number >= 0"), ("sam.eta", -0.01, "a finite number >= 0"),
     ("sam.alpha", -0.5, "a finite number >= 0"), ("sam.k", 0, "an integer >= 1"),
+    ("sam.sigma", -1.0, "a finite number >= 0"), ("sam.lmbda", 1.0, r"a number in \[0, 1\)"),
+    ("sam.theta", 0.0, r"a number in \(0, 1\]"), ("sam.theta", 1.5, r"a number in \(0, 1\]"),
     ("train.num_epochs", 0, "an integer >= 1"), ("train.max_steps", -1, "an integer >= 0"),
     ("train.batch_size", 0, "an integer >= 1"), ("train.eval_batch_size", -64, "an integer >= 1"),
     ("train.label_smoothing", 1.0, r"a number in \[0, 1\)"), ("train.label_smoothing", -0.1, r"a number in \[0, 1\)"),
@@ -235,3 +238,13 @@ def test_scripts_turn_bad_input_into_one_line_before_writing(tmp_path, case):
     out = run_script(script, *args, "--workdir", str(workdir), timeout=120)
     assert_one_error_line(out, message)
     assert _snapshot(tmp_path) == before  # nothing written, not even a folder
+
+
+def test_help_lists_the_fields_of_the_chosen_config_and_size(tmp_path):
+    out = run_script("train.py", "--config", "configs/sgd.py:cpu", "--help", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = out.stdout.partition("--config fields of configs/sgd.py:cpu")[2]
+    # The :cpu size's values, not the full-size defaults (200 epochs, width 1).
+    for line in ("--config.train.num_epochs=3", "--config.model.width=0.125", "--config.optimizer.name=sgd",
+                 "--config.train.progress=true"):
+        assert f"  {line}\n" in listed, line

@@ -16,18 +16,16 @@
   whatever the scale of their weights. (A per-neuron rescaling between two
   ReLU layers with no normalization in between — column o of W1 times α_o,
   row o of W2 divided by α_o — is not covered: W2's output filters mix the α_o.)
-* `make_recalibrated_loss_fn` — a loss that first recomputes the BatchNorm
-  statistics for the parameters it is given. `make_loss_fn` measures with the
-  running statistics of the trained network, which do not match perturbed or
-  interpolated weights (they make the midpoint of an interpolation between two
-  BatchNorm networks look far worse than it is).
+* `recalibration.make_recalibrated_loss_fn` — a loss that first recomputes
+  the BatchNorm statistics for the parameters it is given (the running
+  statistics of the trained network do not match perturbed or interpolated
+  weights).
 
-Every measure takes a pure, jit-able `loss_fn(params) -> scalar` (usually a
-`loss.LossFunction`, whose `.info` is copied into the result and whose
-accuracy is computed on the same pass when asked for). The whole grid is
-evaluated inside one `jax.jit` under `jax.lax.map`: one compilation, one
-dispatch, and memory for one point at a time (or `batch_size` points, which
-`lax.map` vmaps together).
+Every measure takes a `loss.LossFunction` (whose `.info` is copied into the
+result and whose accuracy is computed on the same pass when asked for) or
+any `params -> scalar`. The grid is one `driver.Loop` over its points: one
+compiled loop on accelerators (`batch_size` points vmapped together), driven
+from Python on the CPU backend; memory for one point at a time.
 
     loss_fn = make_loss_fn(model, variables, images, labels, batch_size=500)
     d1 = random_direction(jax.random.key(0), params)
@@ -38,93 +36,21 @@ dispatch, and memory for one point at a time (or `batch_size` points, which
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from jax import lax
 
-from jaxsam import data
+from jaxsam.geometry import driver
 from jaxsam.geometry import loss as loss_lib
-from jaxsam.geometry.records import Record
+from jaxsam.geometry.records import CurveResult, SurfaceResult
 
 NORMALIZATIONS = ("filter", "layer", "none")
 IGNORES = ("bn_and_bias", "none", "random")
-CALIB_VARIANCE = "mean over calibration batches of the per-batch biased variance (flax BatchNorm train mode)"
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclasses.dataclass(frozen=True)
-class CurveResult(Record):
-    """The loss along a line through parameter space.
-
-    Attributes:
-      t: (num,) the line's coordinate: the interpolation coefficient
-        (0 = params_a, 1 = params_b) or the step along the direction (0 = params).
-      loss: (num,) the loss at each t.
-      accuracy: (num,) the accuracy at each t, or None (not asked for, or the
-        loss function has none).
-      kind: "interpolation" or "slice".
-      span: (t_min, t_max).
-      params_norm: ‖a‖ (interpolation) or ‖w‖ (slice), global L2 norm.
-      direction_norm: ‖b − a‖ (interpolation) or ‖d‖ (slice).
-      recalibrated: whether BatchNorm statistics were recomputed at every point
-        (`make_recalibrated_loss_fn`); from `loss_info`.
-      direction_info: what the direction is (caller's description, e.g.
-        {"normalization": "filter", "seed": 0}; ‖b‖ for interpolations).
-      loss_info: what loss was measured (`make_loss_fn`'s info).
-    """
-
-    t: np.ndarray
-    loss: np.ndarray
-    accuracy: np.ndarray | None
-    kind: str
-    span: tuple[float, float]
-    params_norm: float
-    direction_norm: float
-    recalibrated: bool
-    direction_info: dict
-    loss_info: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class SurfaceResult(Record):
-    """The loss on a plane L(w + x d1 + y d2).
-
-    Attributes:
-      x: (nx,) coordinates along d1.
-      y: (ny,) coordinates along d2.
-      loss: (ny, nx) loss[i, j] = L(w + x[j] d1 + y[i] d2) (rows follow y, as
-        `matplotlib.contourf(x, y, loss)` expects).
-      accuracy: (ny, nx) or None.
-      kind: "surface_2d".
-      params_norm: ‖w‖.
-      direction_norms: (‖d1‖, ‖d2‖).
-      direction_cosine: cos∠(d1, d2); random high-dimensional directions are
-        nearly orthogonal (|cos| ~ 1/sqrt(#params)).
-      recalibrated: whether BatchNorm statistics were recomputed at every point.
-      direction_info: the caller's description of d1, d2.
-      loss_info: what loss was measured.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    loss: np.ndarray
-    accuracy: np.ndarray | None
-    kind: str
-    params_norm: float
-    direction_norms: tuple[float, float]
-    direction_cosine: float
-    recalibrated: bool
-    direction_info: dict
-    loss_info: dict
 
 
 # --------------------------------------------------------------------------- directions
@@ -306,47 +232,76 @@ def _combine(base: Any, terms: Sequence[tuple[jax.Array, Any]], base_coef: jax.A
     return jax.tree.map(leaf, base, *trees)
 
 
-def _evaluator(loss_fn: Callable, accuracy: bool) -> Callable[[Any], tuple[jax.Array, jax.Array]]:
-    """params -> (loss, accuracy or NaN); a LossFunction gives both from one pass."""
-    if accuracy and isinstance(loss_fn, loss_lib.LossFunction):
-
-        def evaluate(params):
-            loss_sum, correct_sum = loss_fn.per_example_sums(params)
-            return jnp.asarray(loss_sum) / loss_fn.n, jnp.asarray(correct_sum, jnp.result_type(loss_sum)) / loss_fn.n
-
-    elif accuracy and callable(getattr(loss_fn, "accuracy", None)):
-
-        def evaluate(params):
-            return jnp.asarray(loss_fn(params)), jnp.asarray(loss_fn.accuracy(params))
-
-    else:
-
-        def evaluate(params):
-            value = jnp.asarray(loss_fn(params))
-            return value, jnp.full((), jnp.nan, value.dtype)
-
-    return evaluate
+def _point(kind: str, base: Any, dirs: Any, c: jax.Array) -> Any:
+    """The parameters at grid coordinate c: (1 − t) a + t b, w + t d, or w + x d1 + y d2."""
+    if kind == "interpolation":
+        return _combine(base, [(c, dirs)], base_coef=1 - c)
+    if kind == "slice":
+        return _combine(base, [(c, dirs)])
+    return _combine(base, [(c[0], dirs[0]), (c[1], dirs[1])])
 
 
-def _map_grid(loss_fn, accuracy, point, base, dirs, coords, batch_size, dots):
-    """[evaluate(point(base, dirs, c)) for c in coords] in one jit under lax.map.
+# The grid as a loop. inputs: {"base", "dirs", "coords" (steps·b, ...)}; static: (kind, b, accuracy),
+# b points per step (0: one point, not stacked).
 
-    `dots(base, dirs) -> dict of scalars` (norms for the record) is computed
-    in the same jit: one compilation and one dispatch per measure.
-    """
+
+def _grid_init(params, inputs, static):
+    # The widest float: any loss dtype is held exactly (the values go to float64 numpy anyway).
+    n = inputs["coords"].shape[0]
+    return jnp.zeros((n,), jnp.result_type(float)), jnp.zeros((n,), jnp.result_type(float))
+
+
+def _grid_query(i, carry, params, inputs, static):
+    kind, b, _ = static
+    if not b:
+        return _point(kind, inputs["base"], inputs["dirs"], inputs["coords"][i]), None
+    coords = lax.dynamic_slice_in_dim(inputs["coords"], i * b, b)
+    return jax.vmap(lambda c: _point(kind, inputs["base"], inputs["dirs"], c))(coords), None
+
+
+def _grid_update(i, carry, _, answer, params, inputs, static):
+    _, b, accuracy = static
+    losses, accs = carry
+    loss, acc = answer if accuracy else (answer, jnp.full(jnp.shape(answer), jnp.nan))
+    if not b:
+        return losses.at[i].set(loss.astype(losses.dtype)), accs.at[i].set(acc.astype(accs.dtype))
+    put = lambda a, v: lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), i * b, 0)  # noqa: E731
+    return put(losses, loss), put(accs, acc)
+
+
+def _grid_finish(carry, params, inputs, static):
+    return carry
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _norms(kind: str, base: Any, dirs: Any) -> dict[str, jax.Array]:
+    """The squared norms (and d1·d2) the records report."""
+    if kind == "interpolation":
+        diff = _sub(dirs, base)
+        return {"a": _dot(base, base), "b": _dot(dirs, dirs), "diff": _dot(diff, diff)}
+    if kind == "slice":
+        return {"w": _dot(base, base), "d": _dot(dirs, dirs)}
+    return {"w": _dot(base, base), "d1": _dot(dirs[0], dirs[0]), "d2": _dot(dirs[1], dirs[1]),
+            "d12": _dot(dirs[0], dirs[1])}  # fmt: skip
+
+
+def _map_grid(loss_fn, accuracy, kind, base, dirs, coords, batch_size):
+    """(losses, accuracies or None, squared norms) of the loss at every grid point (see `_point`)."""
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1 or None (got {batch_size})")
-    evaluate = _evaluator(loss_fn, accuracy)
-
-    @jax.jit
-    def run(base, dirs, coords):
-        values = jax.lax.map(lambda c: evaluate(point(base, dirs, c)), coords, batch_size=batch_size)
-        return values, dots(base, dirs)
-
-    (losses, accs), scalars = run(base, dirs, jnp.asarray(coords))
-    losses = np.asarray(losses, dtype=np.float64)
-    accs = np.asarray(accs, dtype=np.float64)
-    scalars = {name: float(value) for name, value in scalars.items()}
+    coords = np.asarray(coords)
+    num = coords.shape[0]
+    b = 0 if batch_size is None or int(batch_size) == 1 else min(int(batch_size), num)
+    steps = num if not b else -(-num // b)
+    if b and steps * b > num:  # the last block is filled with copies of the last point, dropped below
+        coords = np.concatenate([coords, np.repeat(coords[-1:], steps * b - num, axis=0)])
+    loop = driver.Loop("value_and_accuracy" if accuracy else "value", _grid_init, _grid_query, _grid_update,
+                       _grid_finish, block=b, vmap=True)  # fmt: skip
+    inputs = {"base": base, "dirs": dirs, "coords": jnp.asarray(coords)}
+    losses, accs = driver.run(loop, loss_fn, base, inputs, steps=steps, static=(kind, b, bool(accuracy)))
+    losses = np.asarray(losses, dtype=np.float64)[:num]
+    accs = np.asarray(accs, dtype=np.float64)[:num]
+    scalars = {name: float(value) for name, value in _norms(kind, base, dirs).items()}
     return losses, (None if np.all(np.isnan(accs)) else accs), scalars
 
 
@@ -383,13 +338,13 @@ def interpolate(
     where the parameters are then exactly a and b.
 
     Args:
-      loss_fn: `params -> scalar`, pure and jit-able.
+      loss_fn: a `LossFunction` or any `params -> scalar`.
       params_a, params_b: two parameter trees of the same structure.
       num: number of grid points.
       t_range: (t_min, t_max); the default extends half the distance beyond
         each end, where the loss should rise (Goodfellow et al. 2015).
       accuracy: also evaluate the accuracy, if `loss_fn` has one.
-      batch_size: points vmapped together under `lax.map` (None: one at a time).
+      batch_size: points vmapped together in the compiled loop (None: one at a time).
 
     Returns:
       A `CurveResult` with kind="interpolation".
@@ -397,14 +352,7 @@ def interpolate(
     _check_same_tree(params_a, params_b, "params_b")
     t = _grid(*t_range, num, "t_range", exact=(0.0, 1.0))
 
-    def point(a, b, c):
-        return _combine(a, [(c, b)], base_coef=1 - c)
-
-    def dots(a, b):
-        diff = _sub(b, a)
-        return {"a": _dot(a, a), "b": _dot(b, b), "diff": _dot(diff, diff)}
-
-    losses, accs, sq = _map_grid(loss_fn, accuracy, point, params_a, params_b, t, batch_size, dots)
+    losses, accs, sq = _map_grid(loss_fn, accuracy, "interpolation", params_a, params_b, t, batch_size)
     info = loss_lib.info_of(loss_fn)
     return CurveResult(
         t=t,
@@ -436,12 +384,12 @@ def surface_1d(
     With a filter-normalized d, t = ±1 moves every filter by its own norm.
 
     Args:
-      loss_fn: `params -> scalar`, pure and jit-able.
+      loss_fn: a `LossFunction` or any `params -> scalar`.
       params: the centre w.
       direction: d, a tree like `params` (e.g. from `random_direction`).
       num, span: the grid; a point within rounding of t = 0 is set to 0.
       accuracy: also evaluate the accuracy, if `loss_fn` has one.
-      batch_size: points vmapped together under `lax.map`.
+      batch_size: points vmapped together in the compiled loop (None: one at a time).
       direction_info: a description of d copied into the result.
 
     Returns:
@@ -450,13 +398,7 @@ def surface_1d(
     _check_same_tree(params, direction, "direction")
     t = _grid(*span, num, "span")
 
-    def point(w, d, c):
-        return _combine(w, [(c, d)])
-
-    def dots(w, d):
-        return {"w": _dot(w, w), "d": _dot(d, d)}
-
-    losses, accs, sq = _map_grid(loss_fn, accuracy, point, params, direction, t, batch_size, dots)
+    losses, accs, sq = _map_grid(loss_fn, accuracy, "slice", params, direction, t, batch_size)
     info = loss_lib.info_of(loss_fn)
     return CurveResult(
         t=t,
@@ -486,18 +428,18 @@ def surface_2d(
 ) -> SurfaceResult:
     """The loss on the plane L(w + x d1 + y d2) (Li et al. 2018's contour plots).
 
-    The nx·ny points are flattened and evaluated under one `jax.lax.map`
+    The nx·ny points are flattened and evaluated in one loop
     (`batch_size` of them vmapped together: faster on an accelerator, memory
     grows with it).
 
     Args:
-      loss_fn: `params -> scalar`, pure and jit-able.
+      loss_fn: a `LossFunction` or any `params -> scalar`.
       params: the centre w.
       d1, d2: two directions, trees like `params`.
       num: (nx, ny), or one int for both.
       span: ((x_min, x_max), (y_min, y_max)), or one (min, max) for both.
       accuracy: also evaluate the accuracy, if `loss_fn` has one.
-      batch_size: points vmapped together under `lax.map`.
+      batch_size: points vmapped together in the compiled loop (None: one at a time).
       direction_info: a description of d1, d2 copied into the result.
 
     Returns:
@@ -512,13 +454,7 @@ def surface_2d(
     grid_x, grid_y = np.meshgrid(x, y)  # (ny, nx)
     coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
 
-    def point(w, ds, c):
-        return _combine(w, [(c[0], ds[0]), (c[1], ds[1])])
-
-    def dots(w, ds):
-        return {"w": _dot(w, w), "d1": _dot(ds[0], ds[0]), "d2": _dot(ds[1], ds[1]), "d12": _dot(ds[0], ds[1])}
-
-    losses, accs, sq = _map_grid(loss_fn, accuracy, point, params, (d1, d2), coords, batch_size, dots)
+    losses, accs, sq = _map_grid(loss_fn, accuracy, "surface", params, (d1, d2), coords, batch_size)
     info = loss_lib.info_of(loss_fn)
     n1, n2 = math.sqrt(sq["d1"]), math.sqrt(sq["d2"])
     cosine = sq["d12"] / (n1 * n2) if n1 > 0 and n2 > 0 else float("nan")
@@ -537,204 +473,6 @@ def surface_2d(
     )
 
 
-# --------------------------------------------------------------------------- BatchNorm recalibration
-
-
-def _as_float_images(images: jax.Array) -> jax.Array:
-    return data.normalize(images) if jnp.result_type(images) == jnp.uint8 else images
-
-
-def make_batch_stats_fn(
-    model: nn.Module,
-    variables: dict[str, Any],
-    calib_images: np.ndarray,
-    *,
-    batch_size: int = 500,
-    calib_batches: int | None = None,
-) -> Callable[[Any], Any]:
-    """`params -> batch_stats`: BatchNorm statistics recomputed for the given parameters.
-
-    The calibration images are cut into `calib_batches` batches of
-    `batch_size` (default: as many full batches as fit; the remainder is
-    dropped so all batches have the same size). The model runs in training
-    mode on each batch (`lax.scan`, running statistics not used), and every
-    BatchNorm's statistics are the cumulative average over the batches — what
-    PyTorch's BatchNorm does with momentum=None (SWA's `update_bn`):
-
-      mean = (1/K) Σ_k mean_k,   var = (1/K) Σ_k var_k,
-
-    where mean_k and var_k are the batch statistics flax computes in train
-    mode: var_k is the biased (1/m) variance over the batch's pixels. With
-    equal-size batches the mean is exactly the mean over all calibration
-    pixels; the variance is the average within-batch variance (it leaves out
-    the spread of the batch means, as PyTorch's estimate does; PyTorch also
-    stores the unbiased m/(m−1) version, a negligible difference for m = batch
-    × H × W). Layers after a BatchNorm see activations normalized with batch
-    statistics, as in training.
-
-    The per-batch statistics are read from flax's own update
-    momentum·old + (1 − momentum)·batch with the old statistics set to zero,
-    divided by (1 − momentum) of that layer (read from the module), so any
-    momentum works. BatchNorm layers that use running averages even in
-    training mode keep their stored statistics. A BatchNorm module called more
-    than once per forward pass is refused.
-
-    Args:
-      model: a Flax module called as `model.apply(variables, x, train=True, mutable=["batch_stats"])`.
-      variables: its variables; "batch_stats" gives the tree structure (and the
-        statistics of layers that are not recomputed), other collections stay fixed.
-      calib_images: uint8 pixels (normalized with `data.normalize`, as the
-        loss does) or float images used as given.
-      batch_size: calibration batch size.
-      calib_batches: number of batches (default: all full batches).
-
-    Returns:
-      A pure, jit- and vmap-able function of the parameters.
-    """
-    if "batch_stats" not in variables or not jax.tree.leaves(variables["batch_stats"]):
-        raise ValueError("variables have no 'batch_stats': nothing to recalibrate (use make_loss_fn)")
-    calib_images = np.asarray(calib_images)
-    m = int(calib_images.shape[0])
-    if m == 0:
-        raise ValueError("need at least one calibration image")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    batch_size = min(int(batch_size), m)
-    available = m // batch_size
-    k = available if calib_batches is None else int(calib_batches)
-    if not 1 <= k <= available:
-        raise ValueError(
-            f"calib_batches={calib_batches} batches of {batch_size} need {k * batch_size} calibration images "
-            f"(have {m}: at most {available} batches)"
-        )
-    xs = jnp.asarray(calib_images[: k * batch_size].reshape((k, batch_size) + calib_images.shape[1:]))
-    stored = traverse_util.flatten_dict(variables["batch_stats"])
-    zeros = traverse_util.unflatten_dict({key: jnp.zeros_like(v) for key, v in stored.items()})
-    fixed = {name: v for name, v in variables.items() if name not in ("params", "batch_stats")}
-    momenta: dict[tuple[str, ...], float] = {}
-
-    def one_batch(params, x):
-        seen: dict[tuple[str, ...], float] = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-                use_running = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-                use_running = module.use_running_average if use_running is None else use_running
-                if not use_running:
-                    path = tuple(module.path)
-                    if path in seen:
-                        raise ValueError(f"BatchNorm {'/'.join(path)} is called more than once per forward pass")
-                    seen[path] = float(module.momentum)
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            _, updates = model.apply(
-                {**fixed, "params": params, "batch_stats": zeros},
-                _as_float_images(x),
-                train=True,
-                mutable=["batch_stats"],
-            )
-        momenta.update(seen)
-        new = traverse_util.flatten_dict(updates["batch_stats"])
-        # new = momentum * 0 + (1 - momentum) * batch statistic
-        return {
-            key: (new[key] / (1 - seen[key[:-1]])).astype(v.dtype) if key[:-1] in seen else jnp.zeros_like(v)
-            for key, v in stored.items()
-        }
-
-    def batch_stats(params):
-        def body(total, x):
-            stats = one_batch(params, x)
-            return {key: total[key] + stats[key] for key in total}, None
-
-        start = {key: jnp.zeros_like(v) for key, v in stored.items()}
-        total, _ = jax.lax.scan(body, start, xs)
-        if not momenta:
-            raise ValueError("no BatchNorm computed batch statistics in training mode: nothing to recalibrate")
-        return traverse_util.unflatten_dict(
-            {key: total[key] / k if key[:-1] in momenta else stored[key] for key in stored}
-        )
-
-    batch_stats.calib_info = {"calib_n": k * batch_size, "calib_batch_size": batch_size, "calib_batches": k}
-    return batch_stats
-
-
-class _StatsAsParams:
-    """A model whose "params" are the pair (params, batch_stats), for `make_loss_fn`."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def apply(self, variables, x, train=False, **kwargs):
-        (params, stats) = variables["params"]
-        rest = {name: v for name, v in variables.items() if name != "params"}
-        return self.model.apply({**rest, "params": params, "batch_stats": stats}, x, train=train, **kwargs)
-
-
-def make_recalibrated_loss_fn(
-    model: nn.Module,
-    variables: dict[str, Any],
-    images: np.ndarray,
-    labels: np.ndarray,
-    calib_images: np.ndarray,
-    *,
-    batch_size: int = 500,
-    calib_batch_size: int | None = None,
-    calib_batches: int | None = None,
-    subset: str = "",
-    calib_subset: str = "",
-) -> loss_lib.LossFunction:
-    """`make_loss_fn`'s eval-mode loss, with BatchNorm statistics recomputed for each `params`.
-
-    `loss_fn(params)` first recomputes the running statistics for `params`
-    (`make_batch_stats_fn`: train-mode passes over the calibration batches,
-    cumulative average of batch means and biased batch variances, i.e.
-    PyTorch's momentum=None), then evaluates the mean cross-entropy on
-    `(images, labels)` in eval mode with them. It is pure, jit-able and
-    `lax.map`-able, so `interpolate`, `surface_1d` and `surface_2d` use it
-    unchanged; each point then costs the calibration passes plus the loss.
-    Its `info` says `recalibrated: True` and describes the calibration set.
-
-    Args:
-      model, variables, images, labels, batch_size, subset: as `make_loss_fn`
-        (bn="eval"); variables["batch_stats"] is replaced at every evaluation.
-      calib_images: images for the statistics (uint8 or float, like `images`),
-        e.g. a slice of the training set.
-      calib_batch_size: calibration batch size (default `batch_size`); the
-        statistics depend on it (the variance is a within-batch variance).
-      calib_batches: number of calibration batches (default: all full batches).
-      calib_subset: a name for the calibration set, recorded in `info`.
-
-    Returns:
-      A `LossFunction` with `.accuracy` (also recalibrated) and `.info`. It
-      has no per-microbatch `batch_sums`, so `.chunks` (m-sharpness) refuses it.
-    """
-    stats_fn = make_batch_stats_fn(
-        model,
-        variables,
-        calib_images,
-        batch_size=batch_size if calib_batch_size is None else calib_batch_size,
-        calib_batches=calib_batches,
-    )
-    fixed = {name: v for name, v in variables.items() if name not in ("params", "batch_stats")}
-    inner = loss_lib.make_loss_fn(
-        _StatsAsParams(model), fixed, images, labels, batch_size=batch_size, bn="eval", subset=subset
-    )
-
-    def per_example_sums(params):
-        return inner.per_example_sums((params, stats_fn(params)))
-
-    info = {
-        **inner.info,
-        "recalibrated": True,
-        "calib_subset": calib_subset or f"{stats_fn.calib_info['calib_n']} examples",
-        **stats_fn.calib_info,
-        "calib_variance": CALIB_VARIANCE,
-    }
-    return loss_lib.LossFunction(per_example_sums=per_example_sums, n=inner.n, info=info)
-
-
 __all__ = [
     "CurveResult",
     "SurfaceResult",
@@ -745,6 +483,4 @@ __all__ = [
     "interpolate",
     "surface_1d",
     "surface_2d",
-    "make_batch_stats_fn",
-    "make_recalibrated_loss_fn",
 ]

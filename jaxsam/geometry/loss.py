@@ -1,292 +1,382 @@
-"""The loss whose geometry is measured: a fixed, augmentation-free subset, summed exactly.
+"""The oracle: a loss over fixed data, as a pytree, summed exactly over fixed-size microbatches.
 
-Every sharpness number depends on which function is measured. Here it is
-the mean plain cross-entropy (no label smoothing, no weight decay) over a
-fixed subset of N examples, BatchNorm in eval mode (running statistics) by
-default, so L(w) is a deterministic function of the parameters alone — the
-convention of Keskar et al. 2017, Foret et al. 2021 and Andriushchenko et
-al. 2023 for post-hoc measures.
+Every geometry measure is an algorithm over three calls of one loss — its
+value, its value and gradient, and a Hessian-vector product. `LossFunction`
+is that loss. It is a JAX pytree whose leaves are the data (the examples cut
+into microbatches, the mask of the padded last one, the number of examples,
+fixed model state such as BatchNorm statistics) and whose static part is how
+one microbatch becomes a loss (the model's apply function, the per-example
+loss, the preprocessing). So a compiled function that takes a `LossFunction`
+as an argument is compiled once per (model, loss, shapes): a second call on
+other data or other model state of the same shapes compiles nothing, and no
+example is ever a compile-time constant of the program.
 
-The subset is cut into fixed-size microbatches (the last one padded and
-masked) and summed with `lax.scan`, so memory does not grow with N and the
-value is sum / N, not a mean of per-batch means.
+The value is mean over the N examples, sum / N — not a mean of per-batch means
+— with the last microbatch padded and masked, so memory does not grow with N
+(the convention of Keskar et al. 2017, Foret et al. 2021 and Andriushchenko
+et al. 2023 for post-hoc measures: a fixed subset, no augmentation, eval-mode
+BatchNorm).
 
-    loss_fn = make_loss_fn(model, variables, images, labels, batch_size=256)
-    loss_fn(variables["params"])      # scalar
-    loss_fn.accuracy(params)          # companion, same subset
-    loss_fn.info                      # {"n": ..., "batch_size": ..., "bn": "eval", "subset": ...}
+    loss_fn = make_loss_fn(model, variables, images, labels, batch_size=256)   # linen
+    loss_fn = make_loss_fn(nnx_model, None, x, y, loss=squared_error)           # NNX
+    loss_fn = make_loss_fn(lambda params, batch: ..., batch=(x, y))              # any function
+    loss_fn(params)                   # scalar, traceable
+    loss_fn.value_and_grad(params)    # (L, ∇L), summed microbatch by microbatch
+    loss_fn.hvp(params, v)            # H v, forward-over-reverse
+    loss_fn.accuracy(params)          # classification: argmax(outputs) == integer targets
+    loss_fn.info                      # {"subset": ..., "n": ..., "batch_size": ..., "bn": ...}
 
-Measures that run their loops on the host (the CPU backend, see `driver`)
-use `value`, `value_and_grad` and `hvp` instead: the same sums, one compiled
-call per microbatch added up in Python, compiled once per model and shape.
+The methods above are traceable (each is one `lax.scan` over microbatches).
+Where a measure's loop runs — inside one compiled program or driven from
+Python, one compiled call per microbatch — is the executor's choice
+(`driver`), not the loss's.
 
-With `bn="train"` each microbatch is normalized with its own statistics (the
-model's training-mode function; the running statistics are not updated):
-the loss then depends on the microbatch size, recorded in `info`.
+Model adapters (linen, NNX, plain functions) live in `adapters`; this module
+does not import flax.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxsam import data
+from jax import lax
 
 BN_MODES = ("eval", "train")
 
 
-def _microbatches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """(images, labels, mask) reshaped to (num_batches, batch_size, ...), padded with masked zeros."""
-    n = labels.shape[0]
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    if pad:
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    shape = (num_batches, batch_size)
-    return (
-        images.reshape(shape + images.shape[1:]),
-        labels.reshape(shape).astype(np.int32),
-        mask.reshape(shape),
-    )
+class _Meta:
+    """Host-side description of a loss (`n`, `info`), carried in the pytree's static part.
+
+    Every `_Meta` compares equal, so two losses that differ only in their
+    description (another subset name, another N with the same padded shape)
+    share compiled programs. Traced code never reads it: the count used for
+    sum / N is the `count` leaf. (So a loss *returned* by a compiled function
+    would carry the description of the first one traced: return its leaves.)
+    """
+
+    __slots__ = ("n", "info")
+
+    def __init__(self, n: int, info: dict[str, Any]):
+        self.n, self.info = n, info
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Meta)
+
+    def __hash__(self) -> int:
+        return 0
 
 
-def _as_inputs(x: jax.Array) -> jax.Array:
-    """uint8 pixels are normalized with the training statistics; float images are used as given."""
-    return data.normalize(x) if x.dtype == jnp.uint8 else x
-
-
-def _microbatch_sums(model: nn.Module, bn: str, params, fixed, x, y, m) -> tuple[jax.Array, jax.Array]:
-    """(Σ cross-entropy, Σ correct) over one microbatch's unmasked examples."""
-    if bn == "eval":
-        logits = model.apply({"params": params, **fixed}, _as_inputs(x), train=False)
-    else:
-        logits, _ = model.apply({"params": params, **fixed}, _as_inputs(x), train=True, mutable=["batch_stats"])
-    # Plain cross-entropy in at least float32 (bfloat16 logits are widened; float64 kept).
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, -1) == y).astype(logp.dtype)
-    return jnp.sum(nll * m), jnp.sum(correct * m)
-
-
-# One compiled program per (model, BatchNorm mode, shapes), shared by every
-# LossFunction of that model: the training tracker builds a new loss each
-# epoch (new BatchNorm statistics) and reuses these programs.
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _microbatch_loss(model, bn, params, fixed, x, y, m):
-    return _microbatch_sums(model, bn, params, fixed, x, y, m)[0]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _microbatch_value_and_grad(model, bn, params, fixed, x, y, m):
-    return jax.value_and_grad(lambda p: _microbatch_sums(model, bn, p, fixed, x, y, m)[0])(params)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _microbatch_hvp(model, bn, params, v, fixed, x, y, m):
-    # Forward-over-reverse, as `hessian.hvp`.
-    grad = jax.grad(lambda p: _microbatch_sums(model, bn, p, fixed, x, y, m)[0])
-    return jax.jvp(grad, (params,), (v,))[1]
-
-
-@jax.jit
-def _add(a, b):
+def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
-@jax.jit
-def _divide(tree, n):
-    return jax.tree.map(lambda x: x / n.astype(x.dtype), tree)
+def _divide(tree: Any, count: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x / count.astype(x.dtype), tree)
 
 
-@dataclasses.dataclass(frozen=True)
+@jax.tree_util.register_pytree_node_class
 class LossFunction:
-    """`loss_fn(params) -> scalar`: mean cross-entropy over a fixed subset (see module docstring).
+    """`loss_fn(params) -> scalar`: the mean loss over fixed data (see the module docstring).
 
-    Attributes:
-      per_example_sums: `(params) -> (loss_sum, correct_sum)` over the whole subset.
-      n: number of examples.
-      info: what was measured (subset name, n, microbatch size, BatchNorm mode),
-        copied into every result record.
-      batch_sums: `(params, images, labels, mask) -> (loss_sum, correct_sum)`
-        of one microbatch (None for `from_function` losses).
-      images, labels: the subset as given (host arrays), for `chunks`.
-      model, fixed, bn: the network, its non-parameter variables and the
-        BatchNorm mode, for the host-driven sums (`value_and_grad`, `hvp`);
-        None for `from_function` losses.
-      microbatches: (images, labels, mask), each with a leading microbatch axis.
+    Build one with `make_loss_fn` (or `from_function` for any `params ->
+    scalar`). Attributes:
+      kernel: static; `kernel.sums(params, state, batch, mask) -> (loss sum,
+        correct count)` of one microbatch, `kernel.prepare(params, state)`
+        (state recomputed once per evaluation, e.g. recalibrated BatchNorm
+        statistics) and `kernel.summable` (whether gradients may be summed
+        microbatch by microbatch: False when `prepare` depends on params).
+      batches: pytree of arrays shaped (num_batches, batch_size, ...), or None
+        for a loss without data (`from_function`).
+      mask: (num_batches, batch_size) float32, 1 for real examples, 0 for padding.
+      count: the number of examples N as an array (the divisor of sum / N).
+      state: fixed model state (e.g. {"batch_stats": ...}), a pytree.
+      n, info: host-side description (`info` is copied into every result record).
     """
 
-    per_example_sums: Callable[[Any], tuple[jax.Array, jax.Array]]
-    n: int
-    info: dict[str, Any]
-    batch_sums: Callable[..., tuple[jax.Array, jax.Array]] | None = None
-    images: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    model: nn.Module | None = dataclasses.field(default=None, repr=False)
-    fixed: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
-    bn: str = "eval"
-    microbatches: tuple[jax.Array, jax.Array, jax.Array] | None = dataclasses.field(default=None, repr=False)
+    __slots__ = ("kernel", "batches", "mask", "count", "state", "_meta")
 
-    def __call__(self, params: Any) -> jax.Array:
-        return self.per_example_sums(params)[0] / self.n
+    def __init__(self, kernel: Any, batches: Any, mask: Any, count: Any, state: Any, *, n: int, info: dict):
+        self.kernel, self.batches, self.mask, self.count, self.state = kernel, batches, mask, count, state
+        self._meta = _Meta(int(n), dict(info))
 
-    def accuracy(self, params: Any) -> jax.Array:
-        """Fraction of the subset classified correctly."""
-        return self.per_example_sums(params)[1] / self.n
+    # -- pytree: the data are leaves, how to compute is static.
 
-    # -- host-driven sums: one compiled call per microbatch, summed in Python.
-    # On XLA:CPU a convolution's gradient inside a loop (the `lax.scan` of
-    # `__call__`) is about 10x slower than outside one (docs/DESIGN.md), so
-    # the measures take gradients and Hessian-vector products through these
-    # when their loops run on the host (`driver.host_loops()`). Not traceable.
+    def tree_flatten(self):
+        return (self.batches, self.mask, self.count, self.state), (self.kernel, self._meta)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        loss = object.__new__(cls)
+        loss.batches, loss.mask, loss.count, loss.state = children
+        loss.kernel, loss._meta = aux
+        return loss
+
+    @property
+    def n(self) -> int:
+        return self._meta.n
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self._meta.info)
+
+    @property
+    def num_batches(self) -> int:
+        """Microbatches in the data (0 for a loss without data)."""
+        return 0 if self.mask is None else int(self.mask.shape[-2])
 
     @property
     def summable(self) -> bool:
-        """Whether the host-driven sums below go microbatch by microbatch (False: one compiled call)."""
-        return self.model is not None and self.microbatches is not None
+        """Whether value, gradient and HVP are sums of per-microbatch terms (see `kernel`)."""
+        return self.batches is not None and bool(getattr(self.kernel, "summable", True))
 
-    def _host_sum(self, per_batch: Callable, *args: Any) -> Any:
-        xs, ys, masks = self.microbatches
-        total = None
-        for i in range(xs.shape[0]):
-            part = per_batch(self.model, self.bn, *args, self.fixed, xs[i], ys[i], masks[i])
-            total = part if total is None else _add(total, part)
-        return _divide(total, jnp.asarray(self.n))
+    def with_state(self, state: Any) -> "LossFunction":
+        """The same loss with other fixed model state (same structure: compiled programs are reused)."""
+        return LossFunction(self.kernel, self.batches, self.mask, self.count, state, n=self.n, info=self.info)
+
+    def with_data(self, batches: Any, mask: Any, count: Any) -> "LossFunction":
+        """The same loss (kernel, state, description) on other microbatches."""
+        return LossFunction(self.kernel, batches, mask, count, self.state, n=self.n, info=self.info)
+
+    @property
+    def data(self) -> tuple[Any, Any, Any]:
+        """(batches, mask, count): the leaves that `chunked` gives a leading chunk axis (not the state)."""
+        return self.batches, self.mask, self.count
+
+    def chunk(self, j: Any) -> "LossFunction":
+        """Chunk j of a `chunked` loss, as a loss of its own; `j` may be traced."""
+        take = lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False)  # noqa: E731
+        return self.with_data(*jax.tree.map(take, self.data))
+
+    # -- one microbatch.
+
+    def microbatch(self, i: Any) -> tuple[Any, jax.Array]:
+        """(batch i, its mask); `i` may be traced."""
+        take = lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+        return jax.tree.map(take, self.batches), take(self.mask)
+
+    def microbatch_sums(self, params: Any, i: Any, state: Any = None) -> tuple[jax.Array, jax.Array]:
+        """(Σ loss, Σ correct) over microbatch i's real examples; `state` defaults to `prepare`'s."""
+        state = self.kernel.prepare(params, self.state) if state is None else state
+        batch, mask = self.microbatch(i)
+        return self.kernel.sums(params, state, batch, mask)
+
+    # -- the whole subset (traceable).
+
+    def sums(self, params: Any) -> tuple[jax.Array, jax.Array]:
+        """(Σ loss, Σ correct) over all examples, one `lax.scan` over microbatches."""
+        if self.batches is None:
+            return self.kernel.sums(params, self.state, None, None)
+        state = self.kernel.prepare(params, self.state)
+
+        def body(total, xs):
+            return _add(total, self.kernel.sums(params, state, *xs)), None
+
+        first = jax.tree.map(lambda a: a[0], (self.batches, self.mask))
+        shapes = jax.eval_shape(lambda b, m: self.kernel.sums(params, state, b, m), *first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return lax.scan(body, zeros, (self.batches, self.mask))[0]
+
+    per_example_sums = sums  # the name of earlier versions
+
+    def __call__(self, params: Any) -> jax.Array:
+        return self.value(params)
 
     def value(self, params: Any) -> jax.Array:
-        """L(params), host-driven (see above)."""
-        if not self.summable:
-            return _jit_once(self, "value", lambda: jax.jit(self))(params)
-        return self._host_sum(_microbatch_loss, params)
+        """L(params) = Σ loss / N."""
+        return _divide(self.sums(params)[0], self.count)
+
+    def accuracy(self, params: Any) -> jax.Array:
+        """Fraction of the examples classified correctly (NaN where the loss is not a classification)."""
+        return self.value_and_accuracy(params)[1]
+
+    def value_and_accuracy(self, params: Any) -> tuple[jax.Array, jax.Array]:
+        """(L(params), accuracy) from one pass."""
+        return _divide(self.sums(params), self.count)
 
     def value_and_grad(self, params: Any) -> tuple[jax.Array, Any]:
-        """(L(params), ∇L(params)), host-driven (see above)."""
+        """(L, ∇L): per-microbatch gradients summed in a `lax.scan` (memory of one microbatch)."""
         if not self.summable:
-            return _jit_once(self, "value_and_grad", lambda: jax.jit(jax.value_and_grad(self)))(params)
-        return self._host_sum(_microbatch_value_and_grad, params)
+            return jax.value_and_grad(self.value)(params)
+        return self._scan_sum(lambda p, i, s: jax.value_and_grad(lambda q: self.microbatch_sums(q, i, s)[0])(p),
+                              params)  # fmt: skip
 
     def hvp(self, params: Any, v: Any) -> Any:
-        """H(params)·v, host-driven (see above)."""
+        """H(params)·v, forward-over-reverse (`jax.jvp` of `jax.grad`), summed over microbatches."""
         if not self.summable:
-            hvp = lambda p, t: jax.jvp(jax.grad(self), (p,), (t,))[1]  # noqa: E731
-            return _jit_once(self, "hvp", lambda: jax.jit(hvp))(params, v)
-        return self._host_sum(_microbatch_hvp, params, v)
+            return jax.jvp(jax.grad(self.value), (params,), (v,))[1]
 
-    def chunks(self, m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The subset cut into consecutive chunks of m examples: (images, labels, mask), leading axis = chunk.
+        def product(p, i, s):
+            grad = jax.grad(lambda q: self.microbatch_sums(q, i, s)[0])
+            return jax.jvp(grad, (p,), (v,))[1]
+
+        return self._scan_sum(product, params)
+
+    def _scan_sum(self, part: Callable, params: Any) -> Any:
+        """Σ_i part(params, i, state) / N over microbatches i, in order (as the host-driven sums)."""
+        state = self.kernel.prepare(params, self.state)
+        shapes = jax.eval_shape(part, params, 0, state)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(total, i):
+            return _add(total, part(params, i, state)), None
+
+        total, _ = lax.scan(body, zeros, jnp.arange(self.num_batches))
+        return _divide(total, self.count)
+
+    # -- m-sharpness.
+
+    def chunked(self, m: int) -> "LossFunction":
+        """The examples cut into consecutive chunks of m, as one loss with a leading chunk axis on its leaves.
 
         For m-sharpness (Foret et al. 2021; Andriushchenko & Flammarion 2022),
-        where the perturbation is found and applied per chunk of m examples.
-        The last chunk is padded and masked when m does not divide n.
+        where the perturbation is found and applied per chunk: `jax.tree.map(lambda
+        a: a[j], chunked.data)` (or `chunked.chunk(j)`) is chunk j's own loss;
+        the fixed model state is shared, not stacked. Each chunk is cut into microbatches of
+        min(batch_size, m); the last chunk is padded and masked when m does
+        not divide N.
         """
-        self._check_chunk_size(m)
-        return tuple(jnp.asarray(a) for a in _microbatches(self.images, self.labels, m))
-
-    def chunk_losses(self, m: int) -> list["LossFunction"]:
-        """The same chunks as `chunks(m)`, each as its own LossFunction (for host-driven m-sharpness)."""
-        self._check_chunk_size(m)
-        if self.model is None:
-            raise ValueError("host-driven m-sharpness needs a loss built by make_loss_fn")
-        return [
-            make_loss_fn(
-                self.model, {**self.fixed, "params": None}, self.images[start : start + m],
-                self.labels[start : start + m], batch_size=self.info["batch_size"], bn=self.bn,
-                subset=f"{self.info['subset']}[{start}:{min(start + m, self.n)}]",
-            )
-            for start in range(0, self.n, m)
-        ]  # fmt: skip
-
-    def _check_chunk_size(self, m: int) -> None:
-        if self.batch_sums is None:
+        if self.batches is None:
             raise ValueError("m-sharpness needs a loss built by make_loss_fn (it must know its examples)")
         if not 1 <= m <= self.n:
             raise ValueError(f"m must be between 1 and the subset size {self.n} (got {m})")
+        flat = jax.tree.map(lambda a: np.asarray(a).reshape((-1,) + a.shape[2:])[: self.n], self.batches)
+        size = min(int(self.info.get("batch_size", m)), m)
+        chunks = [jax.tree.map(lambda a: a[start : start + m], flat) for start in range(0, self.n, m)]
+        parts = [_microbatches(chunk, size, per=m) for chunk in chunks]
+        batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[p[0] for p in parts])
+        mask = jnp.asarray(np.stack([p[1] for p in parts]))
+        count = jnp.asarray([p[2] for p in parts], jnp.int32)
+        info = {**self.info, "m": m}
+        return LossFunction(self.kernel, batches, mask, count, self.state, n=m, info=info)
 
 
-def _jit_once(loss_fn: LossFunction, name: str, make: Callable[[], Callable]) -> Callable:
-    """A compiled function cached on the (frozen) loss object, so repeated host calls compile once."""
-    cache = loss_fn.__dict__.setdefault("_compiled", {})
-    if name not in cache:
-        cache[name] = make()
-    return cache[name]
+def _microbatches(batch: Any, batch_size: int, per: int | None = None) -> tuple[Any, np.ndarray, int]:
+    """(batch reshaped to (num_batches, batch_size, ...), mask, n), padded with masked zeros.
 
-
-def make_loss_fn(
-    model: nn.Module,
-    variables: dict[str, Any],
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int = 500,
-    bn: str = "eval",
-    subset: str = "",
-) -> LossFunction:
-    """Builds the measured loss of `model` on `(images, labels)` as a function of the parameters.
-
-    Args:
-      model: a Flax module called as `model.apply(variables, x, train=...)`.
-      variables: its variables; everything except "params" (e.g. BatchNorm
-        running statistics) stays fixed.
-      images: uint8 (N, H, W, 3) pixels (normalized here with the training
-        statistics) or float images used as given.
-      labels: int (N,).
-      batch_size: microbatch size of the `lax.scan`; N need not divide by it.
-      bn: "eval" (running statistics) or "train" (per-microbatch statistics).
-      subset: a name recorded in `info` (e.g. "train[:4096]").
-
-    Returns:
-      A `LossFunction`: callable on params, with `.accuracy(params)` and `.info`.
+    `per`: pad to this many examples (the chunks of m-sharpness all get the
+    shape of a full chunk), else to a multiple of batch_size.
     """
-    if bn not in BN_MODES:
-        raise ValueError(f"unknown BatchNorm mode bn={bn!r}: use 'eval' (running statistics) or 'train'")
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(
-            f"need as many labels as images, at least one (got {images.shape[0]} images, {labels.shape[0]} labels)"
-        )
+    leaves = jax.tree.leaves(batch)
+    n = int(leaves[0].shape[0])
+    total = per if per is not None else n
+    num_batches = -(-total // batch_size)
+    pad = num_batches * batch_size - n
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(num_batches, batch_size)
+
+    def cut(a):
+        a = np.asarray(a)
+        if pad:
+            a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+        return a.reshape((num_batches, batch_size) + a.shape[1:])
+
+    return jax.tree.map(cut, batch), mask, n
+
+
+def from_data(
+    kernel: Any, batch: Any, state: Any = None, *, batch_size: int = 500, info: dict | None = None
+) -> LossFunction:
+    """A `LossFunction` of `kernel` over `batch` (a pytree of arrays with a leading example axis).
+
+    The adapters (`make_loss_fn`) call this; use it directly for a kernel of
+    your own: any hashable object with `sums(params, state, batch, mask) ->
+    (Σ loss, Σ correct)` over one microbatch, `prepare(params, state) ->
+    state` and `summable`.
+    """
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("the data have no arrays")
+    sizes = {int(np.shape(a)[0]) if np.ndim(a) else -1 for a in leaves}
+    if len(sizes) != 1 or min(sizes) <= 0:
+        raise ValueError(f"every data array needs the same number of examples, at least one (got sizes {sorted(sizes)})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    n = int(labels.shape[0])
-    batch_size = min(batch_size, n)
-    xs, ys, masks = (jnp.asarray(a) for a in _microbatches(images, labels, batch_size))
-    fixed = {k: v for k, v in variables.items() if k != "params"}
-
-    def batch_sums(params, x, y, m):
-        return _microbatch_sums(model, bn, params, fixed, x, y, m)
-
-    def per_example_sums(params):
-        def body(carry, batch):
-            loss, correct = batch_sums(params, *batch)
-            return (carry[0] + loss, carry[1] + correct), None
-
-        # The sums' dtype is whatever one microbatch gives (float64 under x64 with float64 inputs).
-        shapes = jax.eval_shape(batch_sums, params, xs[0], ys[0], masks[0])
-        zeros = tuple(jnp.zeros([], s.dtype) for s in shapes)
-        (loss_sum, correct_sum), _ = jax.lax.scan(body, zeros, (xs, ys, masks))
-        return loss_sum, correct_sum
-
-    info = {"subset": subset or f"{n} examples", "n": n, "batch_size": batch_size, "bn": bn}
-    return LossFunction(
-        per_example_sums=per_example_sums, n=n, info=info, batch_sums=batch_sums, images=images, labels=labels,
-        model=model, fixed=fixed, bn=bn, microbatches=(xs, ys, masks),
-    )  # fmt: skip
+    n = sizes.pop()
+    batch_size = min(int(batch_size), n)
+    batches, mask, _ = _microbatches(batch, batch_size)
+    info = {"subset": f"{n} examples", "n": n, "batch_size": batch_size, **(info or {})}
+    info["subset"] = info["subset"] or f"{n} examples"
+    return LossFunction(kernel, jax.tree.map(jnp.asarray, batches), jnp.asarray(mask), jnp.asarray(n, jnp.int32),
+                        state, n=n, info=info)  # fmt: skip
 
 
-def from_function(loss_fn: Callable[[Any], jax.Array], **info: Any) -> Callable[[Any], jax.Array]:
-    """Wraps any `params -> scalar` so results can carry a description (`info`)."""
-    return LossFunction(per_example_sums=lambda p: (loss_fn(p), jnp.nan), n=1, info=dict(info))
+class _Whole:
+    """Kernel of a loss without data: `fn(params) -> scalar` (`from_function`)."""
+
+    summable = False
+
+    def __init__(self, fn: Callable[[Any], jax.Array]):
+        self.fn = fn
+
+    def prepare(self, params, state):
+        return state
+
+    def sums(self, params, state, batch, mask):
+        value = jnp.asarray(self.fn(params))
+        return value, jnp.full((), jnp.nan, jnp.promote_types(value.dtype, jnp.float32))
+
+    def __eq__(self, other):
+        return isinstance(other, _Whole) and other.fn is self.fn
+
+    def __hash__(self):
+        return hash(self.fn)
 
 
-def info_of(loss_fn: Callable) -> dict[str, Any]:
+def from_function(loss_fn: Callable[[Any], jax.Array], **info: Any) -> LossFunction:
+    """Any `params -> scalar` as a `LossFunction` (no data, no accuracy), with a description `info`.
+
+    The function is the program: its arrays are constants of it. For data
+    passed as arguments (compiled once per shape), use `make_loss_fn(fn,
+    batch=...)` with `fn(params, batch)`.
+    """
+    if isinstance(loss_fn, LossFunction):
+        return loss_fn
+    return LossFunction(_Whole(loss_fn), None, None, jnp.asarray(1, jnp.int32), None, n=1, info=info)
+
+
+def as_loss(loss_fn: Any) -> LossFunction:
+    """The oracle of `loss_fn`: itself if it is a `LossFunction`, else `from_function(loss_fn)`."""
+    return loss_fn if isinstance(loss_fn, LossFunction) else from_function(loss_fn)
+
+
+def info_of(loss_fn: Any) -> dict[str, Any]:
     """The description of a loss function built here, or {} for any other callable."""
     return dict(getattr(loss_fn, "info", {}))
+
+
+def reduce_outputs(loss: Callable, outputs: jax.Array, targets: Any, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(Σ per-example loss, Σ correct) over one microbatch, masked.
+
+    `loss(outputs, targets)` gives one value per example or per output entry;
+    entries past the example axis are summed (a least-squares loss ½Σ(f − y)²
+    per example). Outputs are widened to at least float32 (bfloat16 logits).
+    "Correct" is argmax(outputs) == targets for integer targets with one
+    fewer axis than the outputs, else NaN (no accuracy).
+    """
+    outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+    per = jnp.asarray(loss(outputs, targets))
+    per = per.reshape(per.shape[:1] + (-1,)).sum(-1) if per.ndim > 1 else per
+    per = per.astype(jnp.promote_types(per.dtype, jnp.float32))
+    if per.shape != mask.shape:
+        raise ValueError(f"the loss gave shape {per.shape} for a microbatch of {mask.shape[0]}: it must give one "
+                         "value per example (or per output entry, summed per example)")  # fmt: skip
+    loss_sum = jnp.sum(per * mask)
+    targets = jnp.asarray(targets)
+    if jnp.issubdtype(targets.dtype, jnp.integer) and outputs.ndim == targets.ndim + 1:
+        correct = jnp.sum((jnp.argmax(outputs, -1) == targets).astype(per.dtype) * mask)
+    else:
+        correct = jnp.full((), jnp.nan, per.dtype)
+    return loss_sum, correct
+
+
+def make_loss_fn(*args: Any, **kwargs: Any) -> LossFunction:
+    """The measured loss of a model (linen, NNX) or of a function on fixed data; see `adapters.make_loss_fn`."""
+    from jaxsam.geometry import adapters
+
+    return adapters.make_loss_fn(*args, **kwargs)
+
+
+__all__ = ["LossFunction", "BN_MODES", "make_loss_fn", "from_function", "from_data", "as_loss", "info_of",
+           "reduce_outputs"]  # fmt: skip

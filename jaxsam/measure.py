@@ -1,8 +1,10 @@
 """Measuring a trained run: every geometry measure on its checkpoint, saved as geometry.json and figures.
 
-`measure_run(workdir, options)` loads the run (`jaxsam.train.load_run`),
+The application's use of the geometry library (`jaxsam.geometry`).
+`measure_run(workdir, options)` loads the run (`jaxsam.run.load_run`),
 builds the measured loss on fixed subsets of the train and test splits
-(`make_loss_fn`: no augmentation, eval-mode BatchNorm, plain cross-entropy),
+(`make_loss_fn`: no augmentation, eval-mode BatchNorm, plain cross-entropy,
+CIFAR-10 pixels normalized with `data.normalize`),
 runs the measures named in `options.measures`, times each one, and writes
 
     <workdir>/geometry/geometry.json      every result record, its settings and seconds
@@ -14,7 +16,6 @@ gives defaults sized for the paper-scale run (GPU) or the `:cpu` / `:smoke` runs
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -24,7 +25,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsam.geometry import hessian, landscape, sharpness
+from jaxsam import data, files
+from jaxsam.geometry import hessian, landscape, recalibration, sharpness
 from jaxsam.geometry.loss import make_loss_fn
 from jaxsam.geometry.records import to_json
 
@@ -122,11 +124,7 @@ def _parse_measures(names: str) -> list[str]:
 def _keep_previous(path: str) -> None:
     """Moves an existing file to <name>.<n><ext> so nothing measured before is lost."""
     if os.path.exists(path):
-        stem, ext = os.path.splitext(path)
-        n = 1
-        while os.path.exists(f"{stem}.{n}{ext}"):
-            n += 1
-        os.replace(path, f"{stem}.{n}{ext}")
+        files.keep_aside(path)
 
 
 def measure_run(
@@ -151,7 +149,7 @@ def measure_run(
       The dict written to geometry.json.
     """
     from jaxsam import plots
-    from jaxsam.train import load_run
+    from jaxsam.run import load_run
 
     run = load_run(workdir)
     options = options or measure_options(run.config.size)
@@ -192,7 +190,7 @@ def measure_run(
             source = getattr(run.dataset, split)
             n = min(options.n_examples, len(source))
             loss_fns[split] = make_loss_fn(
-                run.model, variables, source.images[:n], source.labels[:n],
+                run.model, variables, source.images[:n], source.labels[:n], preprocess=data.normalize,
                 batch_size=options.batch_size, bn=options.bn, subset=f"{split}[:{n}]",
             )  # fmt: skip
         loss_fn = loss_fns[split]
@@ -215,9 +213,7 @@ def measure_run(
     results["figures"] = figures
     path = os.path.join(out_dir, "geometry.json")
     _keep_previous(path)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, results, sort_keys=False)
     return results
 
 
@@ -225,10 +221,17 @@ def _accuracy(run, split, variables, o) -> dict[str, Any]:
     """Loss and accuracy of the network on the first `o.accuracy_examples` of the split (0: all of it)."""
     source = getattr(run.dataset, split)
     n = min(o.accuracy_examples or len(source), len(source))
-    loss_fn = make_loss_fn(run.model, variables, source.images[:n], source.labels[:n], batch_size=o.batch_size,
-                           bn=o.bn, subset=f"{split}[:{n}]")  # fmt: skip
-    loss_sum, correct = jax.jit(loss_fn.per_example_sums)(variables["params"])
+    loss_fn = make_loss_fn(run.model, variables, source.images[:n], source.labels[:n], preprocess=data.normalize,
+                           batch_size=o.batch_size, bn=o.bn, subset=f"{split}[:{n}]")  # fmt: skip
+    loss_sum, correct = _sums(loss_fn, variables["params"])
     return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n, "info": loss_fn.info}
+
+
+@jax.jit
+def _sums(loss_fn, params):
+    # (Σ loss, Σ correct): one forward pass per microbatch in a scan (forward passes in loops are fast on
+    # every backend); divided by n in Python, in double precision.
+    return loss_fn.sums(params)
 
 
 def _recalibrated_loss_fn(run, split, variables, o):
@@ -236,18 +239,18 @@ def _recalibrated_loss_fn(run, split, variables, o):
     source = getattr(run.dataset, split)
     n = min(o.n_examples, len(source))
     calib = min(o.calibration_examples, len(run.dataset.train))
-    return landscape.make_recalibrated_loss_fn(
+    return recalibration.make_recalibrated_loss_fn(
         run.model, variables, source.images[:n], source.labels[:n], run.dataset.train.images[:calib],
-        batch_size=o.batch_size, subset=f"{split}[:{n}]", calib_subset=f"train[:{calib}]",
+        batch_size=o.batch_size, subset=f"{split}[:{n}]", calib_subset=f"train[:{calib}]", preprocess=data.normalize,
     )  # fmt: skip
 
 
 def _measure(name, loss_fn, params, run, other, o, key):
     if name == "worst_case":
-        return sharpness.worst_case_sharpness(loss_fn, params, o.rho, steps=o.ascent_steps, key=key)
+        return sharpness.worst_case_sharpness(loss_fn, params, o.rho, key, steps=o.ascent_steps)
     if name == "worst_case_adaptive":
-        return sharpness.worst_case_sharpness(loss_fn, params, o.rho_adaptive, adaptive=True, steps=o.ascent_steps,
-                                              key=key)  # fmt: skip
+        return sharpness.worst_case_sharpness(loss_fn, params, o.rho_adaptive, key, adaptive=True,
+                                              steps=o.ascent_steps)  # fmt: skip
     if name == "average_case":
         return sharpness.average_case_sharpness(loss_fn, params, o.sigma, key, n=o.samples, antithetic=o.antithetic)
     if name == "first_order":
