@@ -5,55 +5,50 @@ number of products is the whole cost. `top_eigenpairs` spends them on one
 growing Krylov space and stops at the first product after which every wanted
 pair has a true relative residual ‖Hx − θx‖ ≤ tol·|θ|:
 
-* Band Lanczos (Ruhe 1979, "Implementation aspects of band Lanczos
-  algorithms for computation of eigenvalues of large sparse symmetric
-  matrices", Math. Comp. 33) with full reorthogonalization (classical
-  Gram–Schmidt done twice, "twice is enough", Giraud et al. 2005): the block
-  Krylov space of `block_size` start vectors, built one product at a time.
-  `block_size=1` is the plain Lanczos method (Lanczos 1950), which is what to
-  use unless an eigenvalue is repeated: from one start vector a Krylov space
-  holds one direction of each eigenspace, so a Krylov method with one start
-  vector (this one, like ARPACK) returns one copy of a repeated eigenvalue,
-  b start vectors find up to b copies.
-* Rayleigh–Ritz from the products themselves: P = sym(V Wᵀ) on the basis
-  V (rows orthonormal) and W = H V, read off the Gram–Schmidt coefficients,
-  so T need not be tridiagonal and a restart is just a change of basis.
-* Thick restart (Wu & Simon 2000, "Thick-restart Lanczos method for large
-  symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22) when the
-  basis reaches `krylov_dim` vectors: keep the `keep` best Ritz vectors and
-  their products (Yᵀ V, Yᵀ W: no new product) and go on from the pending
-  Lanczos vectors; mathematically equivalent to ARPACK's implicit restart with
-  exact shifts (Lehoucq & Sorensen 1996, "Deflation techniques for an
-  implicitly restarted Arnoldi iteration", SIAM J. Matrix Anal. Appl. 17;
-  Morgan 1996).
-* Honest residuals: with the products W kept (`store_products=True`),
-  H x = Wᵀ y for a Ritz vector x = Vᵀ y by linearity, so each step's
-  residuals ‖Wᵀy − θ Vᵀy‖ are those of real products and cost none. They
-  differ from a fresh ‖Hx − θx‖ only by the products' own error: 3e-8
-  relative for float32 matrices, but 1.7e-7 on a float32 ResNet18 Hessian,
+* Band Lanczos (Ruhe 1979, Math. Comp. 33, "Implementation aspects of band
+  Lanczos algorithms ...") with full reorthogonalization (classical
+  Gram–Schmidt twice, Giraud et al. 2005): the Krylov space of `block_size`
+  start vectors, one product at a time. block_size=1 is plain Lanczos
+  (Lanczos 1950): from one start vector a Krylov space holds one direction of
+  each eigenspace, so it (like ARPACK) returns one copy of a repeated
+  eigenvalue; b start vectors find up to b copies.
+* Rayleigh–Ritz on P = sym(V Wᵀ), V the orthonormal basis and W = H V, read
+  off the Gram–Schmidt coefficients: a restart is just a change of basis.
+* Thick restart (Wu & Simon 2000, SIAM J. Matrix Anal. Appl. 22) at
+  `krylov_dim` vectors: keep the `keep` best Ritz vectors with their products
+  (Yᵀ V, Yᵀ W: no new product) and go on from the pending Lanczos vectors;
+  equivalent to ARPACK's implicit restart with exact shifts (Lehoucq &
+  Sorensen 1996, SIAM J. Matrix Anal. Appl. 17).
+* Honest residuals: with W kept (`store_products`), H x = Wᵀy for a Ritz
+  vector x = Vᵀy by linearity, so the residuals ‖Wᵀy − θVᵀy‖ cost no product.
+  They differ from a fresh ‖Hx − θx‖ by the products' own error: 3e-8
+  relative for float32 matrices, 1.7e-7 for a float32 ResNet18 Hessian,
   whose products are linear only to about 2e-6 (the float32 softmax at
-  confident examples); so where that error can matter (`verify`) a pass is
-  confirmed by k explicit products, counted. Without W (half the memory)
-  the Lanczos estimate ‖(pending couplings)·y‖ (β·|s| for block_size 1,
-  which underflows to 0 in float32 once a pair converges) only decides when
-  to check. An unconverged end (max_matvecs, or `patience` products without
-  progress: the operator's own accuracy reached) reports explicit residuals.
+  confident examples); where that matters (`verify`) k explicit products,
+  counted, confirm a pass. Without W (half the memory) the Lanczos estimate
+  (β·|s| for block_size 1, 0.0 in float32 once converged) only schedules
+  those checks. An unconverged end (max_matvecs, or `patience` products
+  without progress: the operator's accuracy reached) reports explicit ones.
 
-Measured (tests/test_eigen.py, `python scripts/bench.py --sections lanczos`):
-never more products than scipy.sparse.linalg.eigsh (ARPACK) with the same
-k, which and tol; plain Lanczos (no restart) needs the fewest, and
-krylov_dim=40 costs at most a few percent more on hard spectra.
+Measured, products for top-3 to relative residual 1e-6 against
+scipy.sparse.linalg.eigsh (ARPACK; same k, which, tol and start vector):
+the 200 x 200 spectra of tests/test_eigen.py 11, 23, 30, 17, 86 vs 21, 37,
+38, 21, 120; the trained :cpu ResNet18 on 512 images (`python
+scripts/bench.py --sections lanczos`) 17 vs 21 with float64 products, 19 vs
+21 to 1e-5 with float32 ones (1e-6 is below their accuracy: this solver
+stalls at 2.3e-6 and says so, eigsh claims 1e-6 at a true 1.8e-6). Plain
+Lanczos (no restart) needs the fewest; krylov_dim=40 costs 1-3% more on
+spectra needing 200 products, 12 up to 30%; block_size=2 20-60% more.
 
-Memory, n parameters, m = krylov_dim, b = block_size, itemsize s:
-(m + b)·n·s for V, m·n·s more for W (store_products), k·n·s for the Ritz
-vectors and a transient keep·n·s at each restart. Full-width ResNet18
-(11.2M float32 parameters), m=40: 1.8 GB for V, 1.8 GB for W.
+Memory for n parameters, m = krylov_dim, b = block_size, itemsize s:
+(m + b)·n·s for V, m·n·s for W (store_products), k·n·s for the Ritz vectors
+and keep·n·s transient at a restart: full-width ResNet18 (11.2M float32
+parameters), m = 40: 1.8 GB for V, 1.8 GB for W.
 
     d = jnp.concatenate([jnp.array([5.0, 4.0, 3.0]), jnp.linspace(-1.0, 1.0, 997)])
     res = top_eigenpairs(lambda x: d * x, jnp.ones(1000), 3)   # H = diag(d)
-    res.eigenvalues                        # [5., 4., 3.] (float32 rounding)
-    res.residuals, res.converged           # each ≤ 1e-6, True
-    res.matvecs, res.restarts              # 15, 0
+    res.eigenvalues, res.converged       # [5., 4., 3.] to float32 rounding, True
+    res.residuals, res.matvecs           # each ≤ 1e-6; 18 (15 + 3 to verify)
 """
 
 from __future__ import annotations
@@ -404,49 +399,36 @@ def top_eigenpairs(
     """The k wanted eigenpairs of a symmetric operator, to true relative residual tol (module docstring).
 
     Args:
-      matvec: `x -> H x` on flat (n,) vectors, H symmetric; its output is
-        cast to v0's dtype.
-      v0: (n,) start vector, or (block_size, n) start block (rows beyond the
-        first drawn from `key` if v0 is 1-D). Its dtype (float32, float64) is
-        the working precision.
+      matvec: `x -> H x` on flat (n,) vectors, H symmetric (output cast to v0's dtype).
+      v0: (n,) start vector or (block_size, n) start block (the missing rows
+        drawn from `key`); its dtype (float32, float64) is the working one.
       k: number of eigenpairs.
-      tol: stop once every pair has ‖Hx − θx‖ ≤ tol·|θ| (see
-        `Eigenpairs.converged`); in float32 about 1e-7·‖H‖/|θ| is the floor.
-      which: "LA" largest algebraic (the top of a Hessian's spectrum), "SA"
-        smallest algebraic, "LM" largest magnitude.
-      max_matvecs: stop after this many products (the last explicit check
-        without stored products may add k).
-      patience: stop (`stalled`) after this many products in which the
-        largest relative residual did not halve: the operator's own rounding
-        floor (see `Eigenpairs.stalled`). Default 50: twice the longest run
-        without halving measured on the tests' spectra (26 products, an
-        evenly spaced spectrum with krylov_dim=12; 17 with 40).
-      krylov_dim: basis size m that triggers a thick restart (the memory
-        knob, see the module docstring); default
-        min(n − block_size, max(40, 2(k + block_size))). m ≥ max_matvecs
-        never restarts: plain Lanczos, the fewest products.
-      keep: Ritz vectors kept at a restart, k ≤ keep < m; default
-        k + (m − k)//2 (measured: the fewest products, or within 2% of them,
-        among keep = 8, 10, 20, 30 for m = 30, 40 on spectra that need ten
-        and more restarts).
-      block_size: start vectors (band Lanczos); raise it to the multiplicity
-        of a repeated eigenvalue to get every copy. 1 needs the fewest products.
-      store_products: keep W = H V for residuals without products (twice the
-        memory); False checks with k explicit products when the Lanczos
-        estimate says the pairs converged.
-      verify: confirm a convergence seen in the Wᵀy residuals with k
-        explicit products (counted) before stopping, and report those.
-        Default: when tol < 1000ε of v0's dtype (float32 below 1.2e-4: a
-        float32 network Hessian is linear only to about 2e-6 relative, and
-        Wᵀy = Hx only to that). An unconverged end always reports residuals
-        of k explicit products.
-      host: True drives the loop from Python (`matvec` gets concrete
-        arrays; the steps are compiled module-level functions, compiled once
-        per shapes); False compiles the whole solve into one `lax.while_loop`
-        (traceable inside `jax.jit`). Default: False when v0 is being traced,
-        else True on the CPU backend (where XLA runs a network's gradient
-        inside a loop about 10x slower); inside `jax.jit` with a v0 that is
-        not an argument, pass host=False.
+      tol: stop once every ‖Hx − θx‖ ≤ tol·|θ| (`Eigenpairs.converged`).
+      which: "LA" largest algebraic (a Hessian's top), "SA" smallest
+        algebraic, "LM" largest magnitude.
+      max_matvecs: at most this many products (a last explicit check may add k).
+      patience: stop (`stalled`) after this many products that did not halve
+        the largest relative residual. Default 50: twice the longest such run
+        in the tests' spectra (26, evenly spaced, krylov_dim=12; 17 with 40).
+      krylov_dim: basis size m at which to restart, the memory knob; default
+        min(n − block_size, max(40, 2(k + block_size))); m ≥ max_matvecs is
+        plain Lanczos, the fewest products.
+      keep: Ritz vectors kept at a restart, k ≤ keep < m; default k + (m − k)//2
+        (the fewest products, or within 2%, among keep = 8, 10, 20, 30 for
+        m = 30, 40 on spectra needing ten and more restarts).
+      block_size: start vectors; the multiplicity of a repeated eigenvalue
+        to get every copy of it (1 needs the fewest products).
+      store_products: keep W = H V (twice the memory); False checks with k
+        explicit products when the Lanczos estimate says converged.
+      verify: confirm a pass of the Wᵀy residuals with k explicit products
+        (counted) and report theirs. Default: tol < 1000ε of v0's dtype (a
+        product's own error, 16ε measured for a float32 ResNet18 Hessian,
+        is then over 2% of tol); float32 below 1.2e-4, float64 below 2e-13.
+      host: True drives the loop from Python (`matvec` on concrete arrays,
+        the steps compiled once per shapes at module level); False compiles
+        one `lax.while_loop`, traceable in `jax.jit`. Default: False when v0
+        is traced (else pass host=False inside jit), True on the CPU backend
+        (XLA:CPU runs a network's gradient ~10x slower inside a loop).
       key: PRNG key for extra start vectors and breakdown continuations
         (default `jax.random.key(0)`).
 
@@ -460,7 +442,7 @@ def top_eigenpairs(
       >>> d = jnp.concatenate([jnp.array([5.0, 4.0, 3.0]), jnp.linspace(-1.0, 1.0, 997)])
       >>> res = top_eigenpairs(lambda x: d * x, jnp.ones(1000), 3)
       >>> int(res.matvecs), bool(res.converged)
-      (15, True)
+      (18, True)
       >>> solve = jax.jit(lambda d, v0: top_eigenpairs(lambda x: d * x, v0, 3, host=False))
       >>> solve(d, jnp.ones(1000)).eigenvalues  # the same numbers, one compiled program
     """
@@ -484,13 +466,10 @@ def top_eigenpairs(
                             else ""))  # fmt: skip
     if not k <= keep < m:
         raise ValueError(f"keep={keep} must satisfy k={k} <= keep < krylov_dim={m}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0 (got {tol})")
-    if not max_matvecs >= 1:
-        raise ValueError(f"max_matvecs must be >= 1 (got {max_matvecs})")
     patience = 50 if patience is None else patience
-    if not patience >= 1:
-        raise ValueError(f"patience must be >= 1 (got {patience})")
+    for name, value, low in (("tol", tol, 0), ("max_matvecs", max_matvecs, 1), ("patience", patience, 1)):
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low} (got {value})")
     start_key, key = jax.random.split(jax.random.key(0) if key is None else key)
     traced = _is_traced(v0)
     host = (not traced and jax.default_backend() == "cpu") if host is None else host
@@ -504,10 +483,7 @@ def top_eigenpairs(
     cfg = _Config(k=int(k), keep=int(keep), block=int(block_size), store=bool(store_products))
     tol_arg = jnp.asarray(tol, v0.dtype)
     solve = _solve_host if host else _solve_compiled
-    if verify is None:
-        # A product carries its own error, which a network Hessian's cancellations
-        # amplify (float32 ResNet18: 2e-6 = 16ε relative); where tol < 1000ε it can
-        # exceed 2% of tol and the Wᵀy residual, off by it, needs a check.
+    if verify is None:  # the Wᵀy residual is off by a product's error: 16ε measured, 2% of tol at 1000ε
         verify = bool(tol < 1000 * jnp.finfo(v0.dtype).eps)
     state, history = solve(matvec, starts, key, np.int32(WHICH.index(which)), np.int32(patience), np.bool_(verify),
                            tol_arg, int(max_matvecs), m, cfg)  # fmt: skip
