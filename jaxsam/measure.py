@@ -84,6 +84,12 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
     # preconditioned: coordinates with gradient RMS sqrt(v̂) <= floor x the largest are left
     # out (Adam never moved them; e.g. biases feeding BatchNorm); 0 keeps every coordinate.
     o.preconditioned_floor = 1e-4
+    # lambda_max and preconditioned: "restarted" (thick-restart Lanczos until every pair has
+    # ||Hv - lv|| <= eigen_tol |l|, at most eigen_max_matvecs products: the fewest products)
+    # or "lanczos" (lanczos_iters steps, a fixed cost; the :fit study's method).
+    o.eigen_method = "restarted"
+    o.eigen_tol = 1e-5
+    o.eigen_max_matvecs = 300
     o.lanczos_iters = 40
     o.trace_probes = 50
     o.density_order = 60
@@ -103,6 +109,13 @@ def measure_options(size: str = "full") -> ml_collections.ConfigDict:
     o.calibration_examples = 2048
     o.update(_SIZED_OPTIONS.get(size, {}))
     return o
+
+
+def _eigen_options(o: ml_collections.ConfigDict) -> dict:
+    """The solver keywords of lambda_max and preconditioned (options saved before eigen_method: Lanczos)."""
+    if o.get("eigen_method", "lanczos") == "lanczos":
+        return dict(method="lanczos", iters=o.lanczos_iters)
+    return dict(method="restarted", iters=o.eigen_max_matvecs, tol=o.eigen_tol)
 
 
 def recalibrates(options: ml_collections.ConfigDict, name: str) -> bool:
@@ -256,7 +269,7 @@ def _measure(name, loss_fn, params, run, other, o, key):
     if name == "first_order":
         return sharpness.first_order_sharpness(loss_fn, params, o.rho)
     if name == "lambda_max":
-        return hessian.top_eigenvalues(loss_fn, params, key, k=o.top_k, iters=o.lanczos_iters)
+        return hessian.top_eigenvalues(loss_fn, params, key, k=o.top_k, **_eigen_options(o))
     if name == "trace":
         return hessian.hessian_trace(loss_fn, params, key, n=o.trace_probes)
     if name == "density":
@@ -265,7 +278,7 @@ def _measure(name, loss_fn, params, run, other, o, key):
         c = run.config.optimizer
         lr = run.learning_rate()
         result = hessian.preconditioned_top_eigenvalue(
-            loss_fn, params, run.state.opt_state, key, learning_rate=lr or None, iters=o.lanczos_iters,
+            loss_fn, params, run.state.opt_state, key, learning_rate=lr or None, **_eigen_options(o),
             eps=c.eps, b1=c.b1, b2=c.b2, floor=o.preconditioned_floor,
         )  # fmt: skip
         # The thresholds at the last step's η are huge after a cosine decay to

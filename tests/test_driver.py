@@ -77,7 +77,7 @@ def test_average_case_and_first_order_are_the_same_on_the_host(tiny):
     assert host.value == pytest.approx(compiled.value, rel=1e-11)
 
 
-@pytest.mark.parametrize("method", ["lanczos", "power"])
+@pytest.mark.parametrize("method", ["lanczos", "restarted", "power"])
 def test_top_eigenvalues_are_the_same_on_the_host(tiny, method):
     loss_fn, params = tiny
     compiled, host = _both(lambda: hessian.top_eigenvalues(loss_fn, params, jax.random.key(2), k=2, method=method))
@@ -101,8 +101,11 @@ def test_trace_density_and_preconditioned_are_the_same_on_the_host(tiny):
     tx = optax.adam(1e-2)
     state = tx.init(params)
     _, state = tx.update(jax.grad(loss_fn)(params), state, params)
-    compiled, host = _both(lambda: hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=8))
-    assert host.eigenvalue == pytest.approx(compiled.eigenvalue, rel=1e-9)
+    for method in ("lanczos", "restarted"):
+        compiled, host = _both(lambda: hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=8,
+                                                                              method=method))  # fmt: skip
+        assert host.eigenvalue == pytest.approx(compiled.eigenvalue, rel=1e-9)
+        assert host.iterations == compiled.iterations
 
 
 def test_landscape_grids_are_the_same_on_the_host(tiny):

@@ -414,6 +414,13 @@ def test_missing_or_ambiguous_adam_state_is_a_clear_error(mlp):
 # Bad input.
 
 
+def test_restarted_with_too_few_parameters_for_a_krylov_space_is_exact_lanczos():
+    loss = lambda w: 0.5 * jnp.sum(jnp.array([4.0, 1.0, -2.0]) * w**2)  # noqa: E731
+    res = hessian.top_eigenvalues(loss, jnp.zeros(3), jax.random.key(0), k=2, method="restarted")
+    np.testing.assert_allclose(res.eigenvalues, [4.0, 1.0], rtol=1e-6)
+    assert res.iterations == 3 and res.converged and res.method == "restarted"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -118,6 +118,12 @@ def test_a_least_squares_loss_through_every_measure(x64, kind):
     # Hessian: eigenvalues (both methods), trace, quadrature, Adam's preconditioned λmax.
     top = hessian.top_eigenvalues(loss_fn, params, key, k=3, iters=dim)
     np.testing.assert_allclose(top.eigenvalues, spectrum[:3], rtol=0, atol=1e-10)
+    # H = I_K ⊗ A (K outputs of one linear map): every eigenvalue K times. One start vector's Krylov space holds one
+    # direction per eigenspace, so the restarted solver (like ARPACK) returns each distinct value once.
+    restarted = hessian.top_eigenvalues(loss_fn, params, key, k=3, method="restarted", tol=1e-9)
+    distinct = spectrum[np.r_[True, np.diff(spectrum) < -1e-8 * spectrum[0]]]
+    np.testing.assert_allclose(restarted.eigenvalues, distinct[:3], rtol=1e-9)
+    assert restarted.converged and np.all(restarted.residuals <= 1e-9 * np.abs(restarted.eigenvalues))
     power = hessian.top_eigenvalues(loss_fn, params, key, k=2, method="power", tol=1e-9, iters=2000)
     np.testing.assert_allclose(power.eigenvalues, spectrum[:2], rtol=1e-6)
     trace = hessian.hessian_trace(loss_fn, params, key, n=64, batch_size=3)
@@ -134,6 +140,9 @@ def test_a_least_squares_loss_through_every_measure(x64, kind):
     d = 1 / np.sqrt(np.sqrt(nu) + 1e-8)
     pre = hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=dim, floor=0.0)
     assert pre.eigenvalue == pytest.approx(np.linalg.eigvalsh(d[:, None] * h * d[None])[-1], rel=1e-9)
+    pre = hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, floor=0.0, method="restarted", tol=1e-10)
+    assert pre.eigenvalue == pytest.approx(np.linalg.eigvalsh(d[:, None] * h * d[None])[-1], rel=1e-9)
+    assert pre.converged and pre.method == "restarted"
 
     # Landscape: every point is the quadratic's value there.
     direction = unravel(jnp.asarray(np.random.default_rng(2).standard_normal(dim)))
@@ -244,9 +253,11 @@ def _every_measure(loss_fn, params, state):
         sharpness.first_order_sharpness(loss_fn, params, 0.1).value,
         hessian.top_eigenvalues(loss_fn, params, key, k=2, iters=4).eigenvalues[0],
         hessian.top_eigenvalues(loss_fn, params, key, k=1, method="power", iters=3).eigenvalues[0],
+        hessian.top_eigenvalues(loss_fn, params, key, k=2, method="restarted", iters=12).eigenvalues[0],
         hessian.hessian_trace(loss_fn, params, key, n=4, batch_size=2).trace,
         hessian.spectral_density(loss_fn, params, key, order=3, n_probes=2).moment(1),
         hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=3).eigenvalue,
+        hessian.preconditioned_top_eigenvalue(loss_fn, params, state, key, iters=6, method="restarted").eigenvalue,
         landscape.interpolate(loss_fn, params, jax.tree.map(jnp.add, params, d1), num=3).loss[1],
         landscape.surface_2d(loss_fn, params, d1, d1, num=(2, 2), batch_size=3).loss[0, 0],
     ]

@@ -66,6 +66,7 @@ MEASURE_ENUMS = [
     ("measures", "", r"^options.measures must name each measure once, at least one \(got ''\)"),
     ("splits", "tset", r"^unknown split 'tset' in options.splits: choose from train, test; did you mean test\? \(--options.splits=test\)$"),
     ("bn", "evl", r"^unknown options.bn 'evl': use eval or train; did you mean eval\? \(--options.bn=eval\)$"),
+    ("eigen_method", "restart", r"^unknown options.eigen_method 'restart': use restarted or lanczos; did you mean restarted\? \(--options.eigen_method=restarted\)$"),
 ]  # fmt: skip
 
 
@@ -113,6 +114,7 @@ MEASURE_RANGES = [
     ("seed", -1, "an integer >= 0"), ("rho", -1.0, "a finite number > 0"), ("rho", 0.0, "a finite number > 0"),
     ("rho_adaptive", 0.0, "a finite number > 0"), ("ascent_steps", 0, "an integer >= 1"), ("sigma", 0.0, "a finite number > 0"),
     ("samples", 5, "an even integer >= 4"), ("top_k", 0, "an integer >= 1"), ("preconditioned_floor", 1.0, r"a number in \[0, 1\)"),
+    ("eigen_tol", 0.0, "a finite number > 0"), ("eigen_max_matvecs", 0, "an integer >= 1"),
     ("lanczos_iters", 0, "an integer >= 1"), ("trace_probes", 1, "an integer >= 2"), ("density_order", 0, "an integer >= 1"),
     ("density_probes", 0, "an integer >= 1"), ("interpolation_points", 1, "an integer >= 2"), ("slice_points", 1, "an integer >= 2"),
     ("surface_points", 1, "an integer >= 2"), ("span", 0.0, "a finite number > 0"), ("calibration_examples", 0, "an integer >= 1"),
@@ -142,7 +144,8 @@ def test_settings_that_only_make_sense_together():
         check_config(_config(**{"optimizer.warmup_epochs": 2.0}))
     check_config(_config(**{"optimizer.warmup_epochs": 0.5}))
     with pytest.raises(ValueError, match=r"^options.top_k=6 needs as many Lanczos steps \(lanczos_iters=5\)"):
-        check_measure_options(_options(top_k=6))
+        check_measure_options(_options(top_k=6, eigen_method="lanczos"))
+    check_measure_options(_options(top_k=6))  # the restarted solver's budget is eigen_max_matvecs
     check_measure_options(_options(antithetic=False, samples=3))  # plain Monte Carlo: any n >= 2
     with pytest.raises(ValueError, match=r"^options.samples must be an integer >= 2"):
         check_measure_options(_options(antithetic=False, samples=1))

@@ -23,6 +23,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxsam.geometry import loss as loss_lib
+from jaxsam.geometry import restarted
 from jaxsam.geometry.lanczos import check_key, flat_spec, history_steps, lanczos_top, ritz_history, uniform_vectors
 from jaxsam.geometry.records import PreconditionedEigenResult
 
@@ -98,6 +99,7 @@ def preconditioned_top_eigenvalue(
     learning_rate: float | None = None,
     iters: int | None = None,
     tol: float = 1e-4,
+    method: str = "lanczos",
     eps: float | None = None,
     b1: float | None = None,
     b2: float | None = None,
@@ -110,7 +112,7 @@ def preconditioned_top_eigenvalue(
     second moment of the last update applied (the state after t updates has
     count t). The operator v ↦ P^{-1/2} H (P^{-1/2} v) is symmetric and has
     the eigenvalues of P^{-1} H, the matrix that governs Adam's stability on a
-    quadratic; it is solved by Lanczos as in `top_eigenvalues`.
+    quadratic; it is solved by Lanczos as in `top_eigenvalues` (`method`).
 
     It is taken in the subspace Adam actually moves: coordinates whose
     gradient RMS sqrt(v̂) is at most `floor` times the largest one are left
@@ -131,8 +133,11 @@ def preconditioned_top_eigenvalue(
       learning_rate: η for the thresholds; default: an injected
         "learning_rate" hyperparameter around the Adam state, else None (the
         thresholds are then None).
-      iters: Lanczos steps (default min(dim, 50)).
-      tol: `converged` if the residual ≤ tol·|λ|.
+      iters: Lanczos steps (default min(dim, 50)), or the restarted
+        solver's limit on products (default 500).
+      tol: `converged` if the residual ≤ tol·|λ|; "restarted" stops there.
+      method: "lanczos" (a fixed number of steps) or "restarted" (thick-restart
+        Lanczos to `tol`, the fewest products; see `top_eigenvalues`).
       eps, b1, b2: Adam's ε, β₁, β₂; default: injected hyperparameters of
         those names, else optax.adam's defaults (1e-8, 0.9, 0.999).
       step: update count for bias correction (default the state's count).
@@ -157,6 +162,10 @@ def preconditioned_top_eigenvalue(
     """
     if iters is not None and iters < 1:
         raise ValueError(f"iters must be >= 1 (got {iters})")
+    if method not in ("lanczos", "restarted"):
+        raise ValueError(f"unknown method {method!r}: use 'lanczos' or 'restarted'")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0 (got {tol})")
     check_key(key)
     adam, injected = find_adam_state(adam_state)
     learning_rate = _hyper(learning_rate, injected, "learning_rate", None)
@@ -182,8 +191,18 @@ def preconditioned_top_eigenvalue(
     # them run the same compiled programs.
     d, excluded = _inverse_sqrt_preconditioner(adam.nu, np.asarray(1 - b2**step, dtype), np.asarray(eps, dtype),
                                                np.asarray(floor, dtype))  # fmt: skip
-    values, _, residuals, (alphas, betas) = lanczos_top(loss_fn, params, uniform_vectors(key, 2, dim, dtype), 1, m, d)
-    value, residual = float(values[0]), float(residuals[0])
+    if method == "restarted" and restarted.fits(dim, 1):
+        top = restarted.restarted_top(loss_fn, params, uniform_vectors(key, 1, dim, dtype)[0], k=1, tol=tol,
+                                      max_matvecs=iters if iters is not None else 500, d=d,
+                                      key=jax.random.fold_in(key, 1))  # fmt: skip
+        value, residual, m = float(top.eigenvalues[0]), float(top.residual_norms[0]), top.matvecs
+        history, history_iterations = top.history[:, 0], top.history_matvecs
+    else:
+        m = dim if method == "restarted" else m
+        values, _, residuals, (alphas, betas) = lanczos_top(loss_fn, params, uniform_vectors(key, 2, dim, dtype), 1,
+                                                            m, d)  # fmt: skip
+        value, residual = float(values[0]), float(residuals[0])
+        history, history_iterations = ritz_history(alphas, betas, 1, history_steps(m))[:, 0], history_steps(m)
     if learning_rate is None:
         gd_threshold = adam_threshold = None
     else:
@@ -194,8 +213,8 @@ def preconditioned_top_eigenvalue(
         residual=residual,
         iterations=m,
         converged=bool(residual <= tol * max(abs(value), float(np.finfo(dtype).tiny))),
-        history=ritz_history(alphas, betas, 1, history_steps(m))[:, 0],
-        history_iterations=history_steps(m),
+        history=history,
+        history_iterations=history_iterations,
         learning_rate=learning_rate,
         b1=b1,
         b2=b2,
@@ -206,4 +225,5 @@ def preconditioned_top_eigenvalue(
         gd_threshold=gd_threshold,
         adam_threshold=adam_threshold,
         loss_info=loss_lib.info_of(loss_fn),
+        method=method,
     )

@@ -74,14 +74,16 @@ class EigenResult(Record):
         1e-7·max|λ|. For a pair with residual r, some eigenvalue lies within
         r of λ, and within ≲ r²/gap once the pair is separated from the rest
         of the spectrum by gap.
-      iterations: Lanczos steps (plus k products for the residuals), or
+      iterations: Lanczos steps (plus k products for the residuals), the
+        restarted solver's Hessian-vector products (its checks included), or
         block power iterations (including a shifted rerun, see `top_eigenvalues`).
-      converged: every residual ≤ tol·max|λ| (both methods; power iteration
-        also stops there).
+      converged: "lanczos" and "power": every residual ≤ tol·max|λ| (power
+        iteration also stops there); "restarted": every residual ≤ tol·|λ|
+        of its own pair (it stops there).
       history: (checks, k) eigenvalue estimates as the iteration went on
         (NaN where fewer than k estimates existed yet).
       history_iterations: (checks,) the iteration each history row belongs to.
-      method: "lanczos" or "power".
+      method: "lanczos", "restarted" or "power".
       tol: the tolerance used for `converged`.
       shift: power iteration ran on H + shift·I (0 unless a negative eigenvalue
         dominated; the reported eigenvalues are of H).
@@ -168,10 +170,10 @@ class PreconditionedEigenResult(Record):
       eigenvalue: the largest algebraic eigenvalue.
       residual: ‖Mu − λu‖ for the Ritz vector u, M = P^{-1/2} H P^{-1/2}
         (from an explicit product, as in `EigenResult`).
-      iterations: Lanczos steps.
+      iterations: Lanczos steps, or the restarted solver's products (checks included).
       converged: residual ≤ tol·|λ|.
       history: (checks,) the top Ritz value as the iteration went on.
-      history_iterations: (checks,) the Lanczos step of each history entry.
+      history_iterations: (checks,) the Lanczos step (restarted: product count) of each history entry.
       learning_rate: η used for the thresholds (None if not known).
       b1, b2, eps: Adam's hyperparameters used.
       step: the update count used for bias correction.
@@ -181,6 +183,7 @@ class PreconditionedEigenResult(Record):
       adam_threshold: (2 + 2β₁)/((1 − β₁)η), the stability threshold of Adam
         with momentum β₁ on a quadratic (Cohen et al. 2022; 38/η for β₁ = 0.9).
       loss_info: description of the measured loss.
+      method: "lanczos" or "restarted" (see `preconditioned_top_eigenvalue`).
     """
 
     eigenvalue: float
@@ -199,6 +202,7 @@ class PreconditionedEigenResult(Record):
     gd_threshold: float | None
     adam_threshold: float | None
     loss_info: dict[str, Any]
+    method: str = "lanczos"
 
 
 # --------------------------------------------------------------------------- sharpness
