@@ -18,7 +18,9 @@ Measures, after compilation, as medians over `--repeats` timed calls:
 * one gradient inside `fori_loop`/`scan` against outside (XLA:CPU's weakness
   that jaxsam/geometry/driver.py works around);
 
-with compile time and peak RSS of each. Every measurement runs in its own
+with compile time and peak RSS of each, and for the compared steps the cores
+their threads kept busy (the worker's CPU-seconds / wall-seconds over the timed
+calls). `--train_batches 64,128` times the train section at each batch size. Every measurement runs in its own
 process, so its peak memory is its own. Steps that are compared (jaxsam vs
 PyTorch, SAM vs base, bf16 vs f32) run in warm processes that take turns, one
 call each per round, so both sides of a ratio see the same stretches of this
@@ -153,7 +155,18 @@ def _sleep(spec: dict) -> Step:
     return Step(lambda: time.sleep(spec["seconds"]), lambda _: None, 1, 1, {})
 
 
-STEPS = {"jax_train": _jax_train, "torch_train": _torch_train, "sleep": _sleep}
+def _spin(spec: dict) -> Step:
+    """A step that keeps one core busy for `seconds`: checks the core count (tests/test_bench.py)."""
+
+    def call():
+        end = time.perf_counter() + spec["seconds"]
+        while time.perf_counter() < end:
+            pass
+
+    return Step(call, lambda _: None, 1, 1, {})
+
+
+STEPS = {"jax_train": _jax_train, "torch_train": _torch_train, "sleep": _sleep, "spin": _spin}
 
 
 def _serve(spec: dict) -> None:
@@ -165,9 +178,9 @@ def _serve(spec: dict) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()  # process_time: every thread of this process
         step.sync(step.call())
-        print(f"TIME {time.perf_counter() - start}", flush=True)
+        print(f"TIME {time.perf_counter() - start} {time.process_time() - cpu}", flush=True)
     print("DONE " + json.dumps({"steps": step.steps, "batch": step.batch, "peak_rss_mb": _peak_rss_mb(),
                                 **step.extra}), flush=True)  # fmt: skip
 
@@ -517,8 +530,9 @@ def _interleaved(specs: list[dict], rounds: int, timeout: float, pause: float = 
     worker times one call while the others wait idle (`pause` seconds between
     calls let the previous one's thread pool go quiet). A ratio of two medians
     so measured compares the same stretches of a drifting machine. Returns one
-    dict per spec: seconds_per_step, images_per_s, compile_s, peak_rss_mb, round_s
-    (or "error").
+    dict per spec: seconds_per_step, images_per_s, compile_s, peak_rss_mb, round_s,
+    cores_busy (the worker's CPU-seconds over its wall-seconds in the timed calls: how
+    many cores its threads kept busy) (or "error").
     """
     deadline = time.monotonic() + timeout
     servers, out = [], [dict() for _ in specs]
@@ -535,7 +549,9 @@ def _interleaved(specs: list[dict], rounds: int, timeout: float, pause: float = 
             for server, result in live:
                 time.sleep(pause)
                 server.send("step")
-                result.setdefault("round_s", []).append(float(server.expect("TIME", deadline)))
+                wall, cpu = map(float, server.expect("TIME", deadline).split())
+                result.setdefault("round_s", []).append(wall)
+                result.setdefault("round_cpu_s", []).append(cpu)
         for server, result in live:
             server.send("done")
             result.update(json.loads(server.expect("DONE", deadline)))
@@ -551,6 +567,7 @@ def _interleaved(specs: list[dict], rounds: int, timeout: float, pause: float = 
             result["seconds_per_step"] = median / result["steps"]
             result["images_per_s"] = result["batch"] / result["seconds_per_step"]
             result["compile_s"] = result.pop("first_s") - median
+            result["cores_busy"] = sum(result["round_cpu_s"]) / sum(result["round_s"])
     return out
 
 
@@ -566,6 +583,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("full", "cpu"), default="full")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--train_batches", default="",
+                        help="comma-separated batch sizes for the train section (default: --batch), e.g. 64,128")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (rounds) per measurement")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {','.join(SECTIONS)}")
     parser.add_argument("--native", action="store_true", help="also time XLA's own convolution (slow on CPU)")
@@ -587,9 +606,13 @@ def main() -> None:
         return
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown or args.repeats < 1 or args.batch < 1:
+    try:
+        train_batches = [int(b) for b in args.train_batches.split(",") if b.strip()] or [args.batch]
+    except ValueError:
+        parser.error(f"--train_batches={args.train_batches!r}: give comma-separated integers, e.g. 64,128")
+    if unknown or args.repeats < 1 or min([args.batch, *train_batches]) < 1:
         parser.error(f"unknown sections {unknown}: use some of {','.join(SECTIONS)}" if unknown
-                     else "--repeats and --batch must be at least 1")  # fmt: skip
+                     else "--repeats, --batch and --train_batches must be at least 1")  # fmt: skip
     if os.path.exists(args.out) and not os.path.isfile(args.out):
         parser.error(f"--out {args.out} is not a file: give a file path for the JSON results")
 
@@ -602,7 +625,8 @@ def main() -> None:
 
     def show(section: str, name: str, spec: dict, result: dict) -> dict:
         rows.append({"section": section, "name": name, "spec": spec, **result})
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k != "round_s"}
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
+                 if k not in ("round_s", "round_cpu_s")}
         print(f"[{section}] {name}: {shown}", flush=True)
         return rows[-1]
 
@@ -622,12 +646,14 @@ def main() -> None:
 
     base = dict(kind="jax_train", width=width, batch=args.batch, conv="auto")
     if "train" in sections:
-        for model in ("resnet18", "vgg16"):
-            group = [(f"{model} jaxsam", dict(base, model=model))]
+        for model, batch in ((m, b) for m in ("resnet18", "vgg16") for b in train_batches):
+            at = dict(base, model=model, batch=batch)
+            group = [(f"{model} jaxsam b{batch}", at)]
             if args.native:
-                group.append((f"{model} jaxsam native conv", dict(base, model=model, conv="native")))
+                group.append((f"{model} jaxsam native conv b{batch}", dict(at, conv="native")))
             if torch_ok:
-                group.append((f"{model} pytorch", dict(kind="torch_train", model=model, width=width, batch=args.batch)))
+                group.append((f"{model} pytorch b{batch}", dict(kind="torch_train", model=model, width=width,
+                                                                batch=batch)))  # fmt: skip
             done = record_interleaved("train", group)
             for row in done[1:]:
                 if row["spec"]["kind"] == "torch_train":
@@ -668,13 +694,13 @@ def main() -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print("\n| section | what | images/s | s/step | ratio | compile s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| section | what | images/s | s/step | ratio | cores busy | compile s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     ratio_keys = ("jaxsam_over_pytorch", "auto_over_native", "over_base", "hvp_over_grad", "over_fastest_step",
                   "over_float32", "fori_loop_per_grad")  # fmt: skip
     for r in rows:
         if "error" in r:
-            print(f"| {r['section']} | {r['name']} | error: {r['error']} | | | | |")
+            print(f"| {r['section']} | {r['name']} | error: {r['error']} | | | | | |")
             continue
         ratio = next((f"{k} {r[k]:.2f}" for k in ratio_keys if k in r), "")
         if r["section"] == "loops":
@@ -694,7 +720,8 @@ def _print_table(rows: list[dict]) -> None:
         ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else ""
         sps = f"{r['seconds_per_step']:.3f}" if "seconds_per_step" in r else (
             f"grad {r['grad_s']:.3f}, hvp {r['hvp_s']:.3f}" if "hvp_s" in r else "")  # fmt: skip
-        print(f"| {r['section']} | {r['name']} | {ips} | {sps} | {ratio} | {r.get('compile_s', 0):.1f} | "
+        cores = f"{r['cores_busy']:.2f}" if "cores_busy" in r else ""
+        print(f"| {r['section']} | {r['name']} | {ips} | {sps} | {ratio} | {cores} | {r.get('compile_s', 0):.1f} | "
               f"{r.get('peak_rss_mb', 0):.0f} |")  # fmt: skip
 
 

@@ -32,6 +32,17 @@ def test_interleaved_workers_time_each_step_and_keep_their_ratio(bench):
     assert 2.0 < slow["seconds_per_step"] / fast["seconds_per_step"] <= 3.0
 
 
+def test_cores_busy_is_cpu_seconds_over_wall_seconds(bench):
+    asleep, busy = bench._interleaved([dict(kind="sleep", seconds=0.1), dict(kind="spin", seconds=0.2)], rounds=3,
+                                      timeout=120, pause=0.0)  # fmt: skip
+    for result in (asleep, busy):
+        assert result["cores_busy"] == pytest.approx(sum(result["round_cpu_s"]) / sum(result["round_s"]))
+    # A sleeping step uses (almost) no CPU; a spinning one at most one core, all of it on an idle
+    # machine and less when other processes share the cores (so no lower bound beyond the sleeper's).
+    assert 0.0 <= asleep["cores_busy"] < 0.05
+    assert 10 * asleep["cores_busy"] < busy["cores_busy"] <= 1.05
+
+
 def test_a_failing_worker_gives_an_error_row_and_the_others_still_run(bench):
     ok, broken = bench._interleaved([dict(kind="sleep", seconds=0.01), dict(kind="no_such_step")], rounds=2,
                                     timeout=120, pause=0.0)  # fmt: skip
