@@ -1,0 +1,202 @@
+// oneDNN 2-D convolutions for XLA:CPU through the XLA FFI (jax.ffi).
+//
+// Three handlers, float32, NHWC activations and HWIO kernels (row-major, as
+// jax lays them out), strides and (possibly asymmetric) non-negative padding:
+//
+//   jaxsam_onednn_conv_fwd          (x[N,H,W,C],  w[KH,KW,C,O])  -> y[N,HO,WO,O]
+//   jaxsam_onednn_conv_bwd_data     (dy[N,HO,WO,O], w[KH,KW,C,O]) -> dx[N,H,W,C]
+//   jaxsam_onednn_conv_bwd_weights  (x[N,H,W,C], dy[N,HO,WO,O])  -> dw[KH,KW,C,O]
+//
+// Attributes sh, sw (strides) and pt, pb, pl, pr (top, bottom, left, right
+// padding), all int64. The shapes that the result implies (H, W for the data
+// gradient, KH, KW for the weight gradient) come from the result buffer.
+//
+// Each distinct (op, shapes, strides, padding) builds its primitive
+// descriptor once and keeps it in a process-wide cache. Activations stay in
+// NHWC (no reorders of the large tensors); kernels use the format oneDNN
+// prefers ("any") and are reordered from/to HWIO on each call (small). The
+// scratchpad is allocated per call (user mode), so one cached primitive may
+// run on several XLA threads at once.
+//
+// Threading is oneDNN's own (OpenMP in the onednn-cpu-gomp build): set
+// OMP_NUM_THREADS to bound it.
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+enum Op : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+// op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr
+using Key = std::array<int64_t, 16>;
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    size_t h = 1469598103934665603ull;
+    for (int64_t v : k) h = (h ^ static_cast<size_t>(v)) * 1099511628211ull;
+    return h;
+  }
+};
+
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc act_a;     // first activation (src or diff_src), NHWC
+  memory::desc act_b;     // second activation (dst or diff_dst), NHWC
+  memory::desc wei_user;  // HWIO as jax holds it
+  memory::desc wei_prim;  // what the primitive wants
+  bool wei_reorder = false;
+  dnnl::reorder reorder;  // wei_user -> wei_prim (fwd, bwd_data) or back (bwd_weights)
+  memory::desc scratch;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::mutex cache_mutex;
+std::unordered_map<Key, std::shared_ptr<Entry>, KeyHash> cache;
+
+std::shared_ptr<Entry> Build(const Key& k) {
+  const auto [op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr] = k;
+  dnnl::engine& eng = Engine();
+  memory::desc src({n, c, h, w}, dt::f32, tag::nhwc);
+  memory::desc dst({n, o, ho, wo}, dt::f32, tag::nhwc);
+  memory::desc wei_user({o, c, kh, kw}, dt::f32, tag::hwio);
+  memory::desc wei_any({o, c, kh, kw}, dt::f32, tag::any);
+  memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo, src, wei_any,
+                                                dst, strides, pad_l, pad_r, attr);
+  auto e = std::make_shared<Entry>();
+  e->act_a = src;
+  e->act_b = dst;
+  e->wei_user = wei_user;
+  if (op == kFwd) {
+    e->prim = dnnl::convolution_forward(fwd);
+    e->wei_prim = fwd.weights_desc();
+    e->scratch = fwd.scratchpad_desc();
+  } else if (op == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc bwd(eng, algo, src, wei_any, dst, strides, pad_l, pad_r, fwd,
+                                                        attr);
+    e->prim = dnnl::convolution_backward_data(bwd);
+    e->wei_prim = bwd.weights_desc();
+    e->scratch = bwd.scratchpad_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(eng, algo, src, wei_any, dst, strides, pad_l, pad_r,
+                                                           fwd, attr);
+    e->prim = dnnl::convolution_backward_weights(bwd);
+    e->wei_prim = bwd.diff_weights_desc();
+    e->scratch = bwd.scratchpad_desc();
+  }
+  e->wei_reorder = e->wei_prim != e->wei_user;
+  if (e->wei_reorder) {
+    e->reorder = op == kBwdWeights ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->wei_prim, eng, wei_user))
+                                   : dnnl::reorder(dnnl::reorder::primitive_desc(eng, wei_user, eng, e->wei_prim));
+  }
+  return e;
+}
+
+std::shared_ptr<Entry> Lookup(const Key& k) {
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = cache.find(k);
+    if (it != cache.end()) return it->second;
+  }
+  auto e = Build(k);  // outside the lock: building can take milliseconds
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return cache.emplace(k, e).first->second;
+}
+
+// a: the NHWC tensor of the input side (x or dx), b: of the output side (y or dy), wt: HWIO kernel.
+ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_dims,
+               ffi::Span<const int64_t> b_dims, ffi::Span<const int64_t> w_dims, int64_t sh, int64_t sw, int64_t pt,
+               int64_t pb, int64_t pl, int64_t pr) {
+  if (a_dims.size() != 4 || b_dims.size() != 4 || w_dims.size() != 4)
+    return ffi::Error::InvalidArgument("onednn_conv: expected rank-4 NHWC activations and an HWIO kernel");
+  if (w_dims[2] != a_dims[3] || w_dims[3] != b_dims[3] || a_dims[0] != b_dims[0])
+    return ffi::Error::InvalidArgument("onednn_conv: channel or batch sizes of the operands disagree");
+  if (pt < 0 || pb < 0 || pl < 0 || pr < 0 || sh < 1 || sw < 1)
+    return ffi::Error::InvalidArgument("onednn_conv: negative padding or non-positive stride");
+  Key k{op,        a_dims[0], a_dims[1], a_dims[2], a_dims[3], w_dims[0], w_dims[1], w_dims[3],
+        b_dims[1], b_dims[2], sh,        sw,        pt,        pb,        pl,        pr};
+  try {
+    auto e = Lookup(k);
+    dnnl::engine& eng = Engine();
+    thread_local dnnl::stream stream(eng);
+    memory ma(e->act_a, eng, a), mb(e->act_b, eng, b), mw_user(e->wei_user, eng, wt);
+    memory mw = e->wei_reorder ? memory(e->wei_prim, eng) : mw_user;
+    memory scratch(e->scratch, eng);
+    if (op == kFwd) {
+      if (e->wei_reorder) e->reorder.execute(stream, mw_user, mw);
+      e->prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, mb},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else if (op == kBwdData) {
+      if (e->wei_reorder) e->reorder.execute(stream, mw_user, mw);
+      e->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      e->prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_DIFF_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
+      if (e->wei_reorder) e->reorder.execute(stream, mw, mw_user);
+    }
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("onednn_conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Fwd(F32 x, F32 w, F32Result y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(kFwd, x.typed_data(), y->typed_data(), w.typed_data(), x.dimensions(), y->dimensions(),
+             w.dimensions(), sh, sw, pt, pb, pl, pr);
+}
+
+ffi::Error BwdData(F32 dy, F32 w, F32Result dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                   int64_t pr) {
+  return Run(kBwdData, dx->typed_data(), dy.typed_data(), w.typed_data(), dx->dimensions(), dy.dimensions(),
+             w.dimensions(), sh, sw, pt, pb, pl, pr);
+}
+
+ffi::Error BwdWeights(F32 x, F32 dy, F32Result dw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                      int64_t pr) {
+  return Run(kBwdWeights, x.typed_data(), dy.typed_data(), dw->typed_data(), x.dimensions(), dy.dimensions(),
+             dw->dimensions(), sh, sw, pt, pb, pl, pr);
+}
+
+#define CONV_ATTRS                                                                                     \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb").Attr<int64_t>("pl") \
+      .Attr<int64_t>("pr")
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxsam_onednn_conv_fwd, Fwd,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxsam_onednn_conv_bwd_data, BwdData,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxsam_onednn_conv_bwd_weights, BwdWeights,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
+
+// Number of cached primitives (for tests and the benchmark).
+extern "C" int64_t jaxsam_onednn_conv_cache_size() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return static_cast<int64_t>(cache.size());
+}
