@@ -151,6 +151,12 @@ def check_config(config: Any, *, flag: str = "--config") -> None:
     c.choice("model.name", sorted(models.MODELS), "model")
     c.choice("model.dtype", DTYPES)
     c.choice("model.conv", CONV_IMPLS)
+    if c["model.conv"] == "onednn":
+        from jaxsam.models import onednn_conv
+
+        if not onednn_conv.AVAILABLE:
+            raise ValueError(f"model.conv=onednn needs the oneDNN extension, and {onednn_conv.REASON}: "
+                             f"{onednn_conv.BUILD_HINT}, or {c.fix('model.conv', 'auto')}")  # fmt: skip
     c.choice("data.source", data.SOURCES)  # read now: another module may add sources
     c.choice("optimizer.name", train.OPTIMIZERS, "optimizer")
     c.choice("optimizer.schedule", SCHEDULES)

@@ -588,6 +588,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (rounds) per measurement")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {','.join(SECTIONS)}")
     parser.add_argument("--native", action="store_true", help="also time XLA's own convolution (slow on CPU)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="also time model.conv=onednn (the oneDNN extension: bash csrc/onednn_conv/build.sh)")
     parser.add_argument("--lanczos_examples", type=int, default=4096)
     parser.add_argument("--lanczos_iters", type=int, default=40)
     parser.add_argument("--eigen_examples", type=int, default=512,
@@ -651,13 +653,20 @@ def main() -> None:
             group = [(f"{model} jaxsam b{batch}", at)]
             if args.native:
                 group.append((f"{model} jaxsam native conv b{batch}", dict(at, conv="native")))
+            if args.onednn:
+                group.append((f"{model} jaxsam onednn conv b{batch}", dict(at, conv="onednn")))
             if torch_ok:
                 group.append((f"{model} pytorch b{batch}", dict(kind="torch_train", model=model, width=width,
                                                                 batch=batch)))  # fmt: skip
             done = record_interleaved("train", group)
+            torch_row = next((r for r in done if r["spec"]["kind"] == "torch_train"), None)
             for row in done[1:]:
                 if row["spec"]["kind"] == "torch_train":
                     ratio(row, "jaxsam_over_pytorch", done[0], invert=True)
+                elif row["spec"]["conv"] == "onednn":
+                    ratio(row, "onednn_over_auto", done[0])
+                    if torch_row is not None:
+                        ratio(row, "onednn_over_pytorch", torch_row)
                 else:
                     ratio(row, "auto_over_native", done[0], invert=True)
     if "sam" in sections:
@@ -696,13 +705,13 @@ def main() -> None:
 def _print_table(rows: list[dict]) -> None:
     print("\n| section | what | images/s | s/step | ratio | cores busy | compile s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
-    ratio_keys = ("jaxsam_over_pytorch", "auto_over_native", "over_base", "hvp_over_grad", "over_fastest_step",
-                  "over_float32", "fori_loop_per_grad")  # fmt: skip
+    ratio_keys = ("jaxsam_over_pytorch", "onednn_over_auto", "onednn_over_pytorch", "auto_over_native", "over_base",
+                  "hvp_over_grad", "over_fastest_step", "over_float32", "fori_loop_per_grad")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"| {r['section']} | {r['name']} | error: {r['error']} | | | | | |")
             continue
-        ratio = next((f"{k} {r[k]:.2f}" for k in ratio_keys if k in r), "")
+        ratio = ", ".join(f"{k} {r[k]:.2f}" for k in ratio_keys if k in r)
         if r["section"] == "loops":
             ratio = (f"per gradient: fori_loop {r['fori_loop_per_grad']:.1f}x, scan {r['scan_per_grad']:.1f}x, "
                      f"unrolled scan {r['unrolled_scan_per_grad']:.1f}x")  # fmt: skip

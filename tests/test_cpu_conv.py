@@ -136,5 +136,5 @@ def test_networks_have_the_same_parameters_and_gradients_with_either_convolution
 
 
 def test_unknown_conv_is_refused():
-    with pytest.raises(ValueError, match="unknown conv 'fast': use 'auto' or 'native'"):
+    with pytest.raises(ValueError, match="unknown conv 'fast': use one of auto, native, onednn"):
         get_model("resnet18", conv="fast")

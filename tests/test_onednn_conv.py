@@ -120,3 +120,20 @@ def test_vmap_loops_over_the_mapped_axis():
     ours = jax.vmap(lambda a: onednn_conv.conv_nhwc(a, w, (1, 1), pads))(x)
     ref = jax.vmap(lambda a: lax.conv_general_dilated(a, w, (1, 1), pads, dimension_numbers=NHWC))(x)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_the_layer_choice_keeps_matrix_products_where_they_were_faster():
+    """`model.conv="onednn"`: 1x1 kernels and maps of at most cpu_conv.SMALL_MAP pixels stay on
+    cpu_conv (the same program, so the same bits); other plain convolutions go to oneDNN."""
+    from jaxsam.models import cpu_conv
+
+    rng = np.random.default_rng(0)
+    cases = [((2, 8, 8, 4), (1, 1, 4, 6), False), ((2, 2, 2, 4), (3, 3, 4, 6), False), ((2, 8, 8, 4), (3, 3, 4, 6), True)]
+    for x_shape, w_shape, on_onednn in cases:
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        args = ((1, 1), ((w_shape[0] // 2,) * 2,) * 2)
+        chosen = jax.jit(lambda a, b: onednn_conv.layer_conv_general_dilated(a, b, *args, dimension_numbers=NHWC))
+        want = onednn_conv.conv_general_dilated if on_onednn else cpu_conv.conv_general_dilated
+        expected = jax.jit(lambda a, b: want(a, b, *args, dimension_numbers=NHWC))
+        np.testing.assert_array_equal(np.asarray(chosen(x, w)), np.asarray(expected(x, w)))

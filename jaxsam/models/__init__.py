@@ -48,6 +48,8 @@ def get_model(
         (`jaxsam.models.cpu_conv`: matrix products on 2x2 maps and for 1x1
         kernels, batch chunks elsewhere; VGG16 trains 4.4x and ResNet18 1.14x
         faster than with "native", `scripts/bench.py --native`, one run); XLA's own convolution on GPU/TPU. "native": XLA's always.
+        "onednn": oneDNN through the XLA FFI on the CPU backend where it measured faster
+        (`jaxsam.models.onednn_conv`; the extension must be built), else as "auto".
 
     Returns:
       The Flax module.
@@ -66,7 +68,7 @@ def get_model(
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1 (got {num_classes!r})")
     if conv not in layers.CONV_IMPLS:
-        raise ValueError(f"unknown conv {conv!r}: use 'auto' or 'native'")
+        raise ValueError(f"unknown conv {conv!r}: use one of {', '.join(layers.CONV_IMPLS)}")
     return MODELS[name](num_classes=int(num_classes), width=float(width), dtype=_as_dtype(dtype), conv=conv)
 
 

@@ -28,7 +28,7 @@ def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-CONV_IMPLS = ("auto", "native")
+CONV_IMPLS = ("auto", "native", "onednn")
 
 
 def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any, impl: str = "auto") -> nn.Conv:
@@ -37,11 +37,19 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
     `impl="auto"` uses `cpu_conv.conv_general_dilated` (on the CPU backend:
     matrix products on maps of 2x2 or smaller and for 1x1 kernels, XLA's
     convolution on chunks of 32 images for large activations; exactly XLA's
-    convolution on GPU/TPU); "native" is always XLA's, unchunked.
-    Both have the same parameters.
+    convolution on GPU/TPU); "native" is always XLA's, unchunked; "onednn"
+    runs on oneDNN where that measured faster (`onednn_conv.layer_conv_general_dilated`;
+    needs the extension built, else exactly "auto").
+    All have the same parameters.
     """
     if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown convolution impl {impl!r}: use 'auto' or 'native'")
+        raise ValueError(f"unknown convolution impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
+    if impl == "onednn":
+        from jaxsam.models import onednn_conv  # loads the extension: only when asked for
+
+        custom = onednn_conv.layer_conv_general_dilated
+    else:
+        custom = cpu_conv.conv_general_dilated if impl == "auto" else None
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -52,7 +60,7 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,
-        conv_general_dilated=cpu_conv.conv_general_dilated if impl == "auto" else None,
+        conv_general_dilated=custom,
     )
 
 

@@ -55,15 +55,17 @@ def _load() -> tuple[Any, str]:
             try:
                 lib = ctypes.CDLL(path)
             except OSError as err:
-                return None, f"onednn_conv: {path} did not load ({err}); using jaxsam's XLA convolutions"
+                return None, f"{path} did not load ({err})"
             for name in _TARGETS:
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
             return lib, ""
-    return None, "onednn_conv: extension not built (bash csrc/onednn_conv/build.sh); using jaxsam's XLA convolutions"
+    return None, "the extension is not built"
 
 
-_LIB, NOTICE = _load()
+BUILD_HINT = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 && bash csrc/onednn_conv/build.sh"
+_LIB, REASON = _load()
 AVAILABLE: bool = _LIB is not None
+NOTICE = "" if AVAILABLE else f"onednn_conv: {REASON} ({BUILD_HINT}); using jaxsam's XLA convolutions"
 
 
 def cache_size() -> int:
@@ -225,3 +227,25 @@ def conv_general_dilated(
     if pads is None:
         return _fallback(*args)
     return conv_nhwc(lhs, rhs, tuple(window_strides), pads)
+
+
+def layer_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """`model.conv="onednn"`: `conv_general_dilated`, except where cpu_conv writes matrix products.
+
+    1x1 kernels and maps of at most `cpu_conv.SMALL_MAP` pixels stay on
+    `cpu_conv.conv_general_dilated`'s matrix products, which were faster than
+    oneDNN there (VGG16's 2x2 maps: 66 against 185 ms per forward and backward
+    at batch 128; `python scripts/conv_prototype.py layers`); every other
+    plain float32 NHWC/HWIO convolution runs on oneDNN.
+
+    Args:
+      lhs, rhs, *args, **kwargs: as `jax.lax.conv_general_dilated`.
+
+    Returns:
+      The convolution.
+    """
+    small = lhs.ndim == 4 and rhs.ndim == 4 and (rhs.shape[:2] == (1, 1)
+                                                 or lhs.shape[1] * lhs.shape[2] <= cpu_conv.SMALL_MAP)
+    if small:
+        return _fallback(lhs, rhs, *args, **kwargs)
+    return conv_general_dilated(lhs, rhs, *args, **kwargs)
