@@ -399,12 +399,12 @@ def top_eigenvalues(
         from jaxsam.geometry import power
 
         return power.top_eigenvalues_power(loss_fn, params, key, k=k, iters=iters, tol=tol)
-    from jaxsam.geometry import restarted  # it builds on this module
-
-    if method == "restarted" and restarted.fits(dim, k):
-        return _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype)
     if method == "restarted":
-        iters = dim
+        from jaxsam.geometry import restarted  # it builds on this module
+
+        if restarted.fits(dim, k):
+            return _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype)
+        iters = dim  # too few parameters for a Krylov space to restart: exact Lanczos
     m = min(dim, iters if iters is not None else max(50, 2 * k))
     if k > m:
         raise ValueError(f"k={k} needs at least k Lanczos steps (iters={iters})")
