@@ -155,8 +155,8 @@ def check_config(config: Any, *, flag: str = "--config") -> None:
         from jaxsam.models import onednn_conv
 
         if not onednn_conv.AVAILABLE:
-            raise ValueError(f"model.conv=onednn needs the oneDNN extension, and {onednn_conv.REASON}: "
-                             f"{onednn_conv.BUILD_HINT}, or {c.fix('model.conv', 'auto')}")  # fmt: skip
+            raise ValueError(f"model.conv=onednn needs the oneDNN extension: {onednn_conv.REASON}; "
+                             f"or use {c.fix('model.conv', 'auto')}")  # fmt: skip
     c.choice("data.source", data.SOURCES)  # read now: another module may add sources
     c.choice("optimizer.name", train.OPTIMIZERS, "optimizer")
     c.choice("optimizer.schedule", SCHEDULES)

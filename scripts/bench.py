@@ -2,10 +2,11 @@
 
 Measures, after compilation, as medians over `--repeats` timed calls:
 
-* train step images/s of ResNet18 and VGG16, jaxsam (CPU convolutions
-  `conv="auto"`, and XLA's `conv="native"` with --native) against a PyTorch
-  reference of the identical network (scripts/torch_reference.py; skipped with
-  a message when torch is not installed);
+* train step images/s of ResNet18 and VGG16, jaxsam (`model.conv="auto"`,
+  or each of `--convs`, e.g. `--convs xla,onednn`: the oneDNN extension off
+  and on; `native`: XLA's own convolution) against a PyTorch reference of the
+  identical network (scripts/torch_reference.py; skipped with a message when
+  torch is not installed);
 * every SAM-family step / base step: SAM, ASAM, GSAM, F-SAM, VaSSO (two
   gradients a step), LookSAM(k=5) (1 + 1/5) and Momentum-SAM (one gradient,
   at the point the transform names);
@@ -456,6 +457,7 @@ def _data(spec: dict) -> dict:
 
 
 SECTIONS = ("train", "sam", "hvp", "lanczos", "data", "bf16", "loops")
+CONVS = ("auto", "xla", "native", "onednn")  # jaxsam.models.layers.CONV_IMPLS (not imported: this process runs no JAX)
 # The `sam` section's rows: (config sam.name, label); the targets: ≤ 2.1x for the two-gradient
 # members, ≤ 1.3x for LookSAM(5), ≤ 1.1x for Momentum-SAM.
 SAM_MEMBERS = (("sam", "SAM"), ("asam", "ASAM"), ("gsam", "GSAM"), ("fsam", "F-SAM"), ("vasso", "VaSSO"),
@@ -587,9 +589,9 @@ def main() -> None:
                         help="comma-separated batch sizes for the train section (default: --batch), e.g. 64,128")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (rounds) per measurement")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {','.join(SECTIONS)}")
-    parser.add_argument("--native", action="store_true", help="also time XLA's own convolution (slow on CPU)")
-    parser.add_argument("--onednn", action="store_true",
-                        help="also time model.conv=onednn (the oneDNN extension: bash csrc/onednn_conv/build.sh)")
+    parser.add_argument("--convs", default="auto",
+                        help="comma-separated model.conv values the train section times, e.g. xla,onednn "
+                             "(the oneDNN extension off and on; onednn needs the cpu-fast extra) or auto,native")  # fmt: skip
     parser.add_argument("--lanczos_examples", type=int, default=4096)
     parser.add_argument("--lanczos_iters", type=int, default=40)
     parser.add_argument("--eigen_examples", type=int, default=512,
@@ -617,6 +619,9 @@ def main() -> None:
                      else "--repeats, --batch and --train_batches must be at least 1")  # fmt: skip
     if os.path.exists(args.out) and not os.path.isfile(args.out):
         parser.error(f"--out {args.out} is not a file: give a file path for the JSON results")
+    bad_convs = sorted({c.strip() for c in args.convs.split(",") if c.strip()} - set(CONVS))
+    if bad_convs or not args.convs.strip():
+        parser.error(f"--convs={args.convs!r}: use some of {','.join(CONVS)}, e.g. --convs xla,onednn")
 
     width = 1.0 if args.size == "full" else 0.125
     torch_ok = _torch_available()
@@ -648,27 +653,22 @@ def main() -> None:
 
     base = dict(kind="jax_train", width=width, batch=args.batch, conv="auto")
     if "train" in sections:
+        convs = [c.strip() for c in args.convs.split(",") if c.strip()]
         for model, batch in ((m, b) for m in ("resnet18", "vgg16") for b in train_batches):
             at = dict(base, model=model, batch=batch)
-            group = [(f"{model} jaxsam b{batch}", at)]
-            if args.native:
-                group.append((f"{model} jaxsam native conv b{batch}", dict(at, conv="native")))
-            if args.onednn:
-                group.append((f"{model} jaxsam onednn conv b{batch}", dict(at, conv="onednn")))
+            group = [(f"{model} jaxsam {conv} conv b{batch}", dict(at, conv=conv)) for conv in convs]
             if torch_ok:
                 group.append((f"{model} pytorch b{batch}", dict(kind="torch_train", model=model, width=width,
                                                                 batch=batch)))  # fmt: skip
             done = record_interleaved("train", group)
             torch_row = next((r for r in done if r["spec"]["kind"] == "torch_train"), None)
-            for row in done[1:]:
-                if row["spec"]["kind"] == "torch_train":
-                    ratio(row, "jaxsam_over_pytorch", done[0], invert=True)
-                elif row["spec"]["conv"] == "onednn":
-                    ratio(row, "onednn_over_auto", done[0])
-                    if torch_row is not None:
-                        ratio(row, "onednn_over_pytorch", torch_row)
-                else:
-                    ratio(row, "auto_over_native", done[0], invert=True)
+            for row in done:
+                if row["spec"]["kind"] != "jax_train":
+                    continue
+                if torch_row is not None:
+                    ratio(row, "over_pytorch", torch_row)
+                if row is not done[0]:
+                    ratio(row, f"over_{done[0]['spec']['conv']}", done[0])
     if "sam" in sections:
         plain, *variants = record_interleaved("sam", [("resnet18 base", dict(base, model="resnet18"))] + [
             (f"resnet18 {label}", dict(base, model="resnet18", sam=v)) for v, label in SAM_MEMBERS])  # fmt: skip
@@ -705,8 +705,8 @@ def main() -> None:
 def _print_table(rows: list[dict]) -> None:
     print("\n| section | what | images/s | s/step | ratio | cores busy | compile s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
-    ratio_keys = ("jaxsam_over_pytorch", "onednn_over_auto", "onednn_over_pytorch", "auto_over_native", "over_base",
-                  "hvp_over_grad", "over_fastest_step", "over_float32", "fori_loop_per_grad")  # fmt: skip
+    ratio_keys = ("over_pytorch", *(f"over_{c}" for c in CONVS), "over_base", "hvp_over_grad", "over_fastest_step",
+                  "over_float32", "fori_loop_per_grad")  # fmt: skip
     for r in rows:
         if "error" in r:
             print(f"| {r['section']} | {r['name']} | error: {r['error']} | | | | | |")

@@ -11,7 +11,7 @@ and forward plus backward (value_and_grad of the sum of squares of the output
 with respect to input and kernel), each jitted. The calls of the three take
 turns, round after round, and each time is the median of the rounds.
 
-`step`: the ResNet18 train step of scripts/bench.py (`conv="auto"`) with the
+`step`: the train step of scripts/bench.py (`conv="xla"`, `--model`) with the
 convolutions as built ("auto"), all on oneDNN ("onednn"), or on oneDNN except
 where cpu_conv writes matrix products, 1x1 kernels and maps of at most 2x2
 ("hybrid"); the steps take turns in one process. Reports images/s and cores
@@ -159,7 +159,7 @@ def bench_step(args) -> dict:
         steps = {}
         for m in args.modes.split(","):
             mode["now"] = m  # read while the step is traced, at its first call
-            step = bench._jax_train(dict(model=args.model, width=width, conv="auto", batch=args.batch))
+            step = bench._jax_train(dict(model=args.model, width=width, conv="xla", batch=args.batch))
             start = time.perf_counter()
             step.sync(step.call())
             steps[m] = (step, time.perf_counter() - start)

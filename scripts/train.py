@@ -45,6 +45,7 @@ def main(argv):
     # Orbax logs every checkpoint step at INFO; the progress bar and metrics.jsonl say what matters.
     logging.set_verbosity(logging.WARNING)
     from jaxsam import data, parallel
+    from jaxsam.models.layers import conv_notice
     from jaxsam.train import train_and_evaluate
 
     try:
@@ -56,6 +57,9 @@ def main(argv):
     parallel.use_compilation_cache(_CACHE.value)
 
     config = _CONFIG.value
+    notice = conv_notice(config.model.conv)
+    if notice and parallel.is_primary():
+        print(f"notice: {notice}", file=sys.stderr)
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]), config.size)
     start = time.time()
     try:

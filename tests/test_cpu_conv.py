@@ -116,7 +116,7 @@ def test_networks_have_the_same_parameters_and_gradients_with_either_convolution
     x = jnp.asarray(np.random.RandomState(1).randn(4, 32, 32, 3), jnp.float32)
     y = jnp.arange(4) % 10
     grads = []
-    for conv in ("native", "auto"):
+    for conv in ("native", "xla"):
         model = get_model(name, width=0.0625, conv=conv)
         variables = model.init(jax.random.key(0), x[:1], train=False)
 
@@ -136,5 +136,5 @@ def test_networks_have_the_same_parameters_and_gradients_with_either_convolution
 
 
 def test_unknown_conv_is_refused():
-    with pytest.raises(ValueError, match="unknown conv 'fast': use one of auto, native, onednn"):
+    with pytest.raises(ValueError, match="unknown conv 'fast': use one of auto, xla, native, onednn"):
         get_model("resnet18", conv="fast")

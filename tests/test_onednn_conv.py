@@ -112,23 +112,44 @@ def test_other_dtypes_and_settings_fall_back_to_jaxsams_xla_convolution():
     assert out.dtype == jnp.bfloat16 and out.shape == (2, 6, 6, 4)
 
 
-def test_vmap_loops_over_the_mapped_axis():
+def test_vmap_folds_a_mapped_activation_into_the_batch_and_loops_otherwise():
+    """vmap over images (one call of B*N images), over kernels and per-example gradients (loops)."""
     rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.randn(2, 3, 5, 5, 2), jnp.float32)
-    w = jnp.asarray(rng.randn(3, 3, 2, 4), jnp.float32)
+    x, t = jnp.asarray(rng.randn(2, 3, 5, 5, 2), jnp.float32), jnp.asarray(rng.randn(2, 3, 5, 5, 4), jnp.float32)
+    w, ws = jnp.asarray(rng.randn(3, 3, 2, 4), jnp.float32), jnp.asarray(rng.randn(2, 3, 3, 2, 4), jnp.float32)
     pads = ((1, 1), (1, 1))
-    ours = jax.vmap(lambda a: onednn_conv.conv_nhwc(a, w, (1, 1), pads))(x)
-    ref = jax.vmap(lambda a: lax.conv_general_dilated(a, w, (1, 1), pads, dimension_numbers=NHWC))(x)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+    def run(conv):
+        linear = lambda a, b, c: jnp.sum(conv(a, b) * c)
+        return (jax.vmap(lambda a: conv(a, w))(x),  # forward, images mapped: folded
+                jax.vmap(conv)(x, ws),  # images and kernels mapped: a loop
+                # per-example gradients: the data gradient folded, the weight gradient a loop
+                jax.vmap(jax.grad(linear, (0, 1)), (0, None, 0))(x, w, t))  # fmt: skip
+
+    xla = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=NHWC)
+    ours = jax.jit(lambda: run(lambda a, b: onednn_conv.conv_nhwc(a, b, (1, 1), pads)))()
+    ref = jax.jit(lambda: run(xla))()
+    bounds = jax.jit(lambda: run(lambda a, b: xla(jnp.abs(a), jnp.abs(b))))()  # the same sums of |terms|
+    t_abs_grads = jax.vmap(jax.grad(lambda a, b, c: jnp.sum(xla(a, b) * c), (0, 1)), (0, None, 0))
+    bounds = (bounds[0], bounds[1], t_abs_grads(jnp.abs(x), jnp.abs(w), jnp.abs(t)))
+    gammas = (_gamma(9 * 2), _gamma(9 * 2), (_gamma(9 * 4), _gamma(3 * 5 * 5)))
+    for a, b, bound, g in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), jax.tree.leaves(bounds),
+                              jax.tree.leaves(gammas)):  # fmt: skip
+        assert a.shape == b.shape
+        assert float(jnp.max(jnp.abs(a - b) - 2 * g * bound - 1e-30)) <= 0
 
 
 def test_the_layer_choice_keeps_matrix_products_where_they_were_faster():
-    """`model.conv="onednn"`: 1x1 kernels and maps of at most cpu_conv.SMALL_MAP pixels stay on
-    cpu_conv (the same program, so the same bits); other plain convolutions go to oneDNN."""
+    """With the extension: 1x1 kernels, and maps of at most cpu_conv.SMALL_MAP pixels with at least
+    MATMUL_MIN_CHANNELS input channels, stay on cpu_conv (the same program, so the same bits); other
+    plain convolutions go to oneDNN."""
     from jaxsam.models import cpu_conv
 
     rng = np.random.default_rng(0)
-    cases = [((2, 8, 8, 4), (1, 1, 4, 6), False), ((2, 2, 2, 4), (3, 3, 4, 6), False), ((2, 8, 8, 4), (3, 3, 4, 6), True)]
+    wide = onednn_conv.MATMUL_MIN_CHANNELS
+    cases = [((2, 8, 8, 4), (1, 1, 4, 6), False), ((2, 2, 2, wide), (3, 3, wide, 6), False),
+             ((2, 2, 2, 4), (3, 3, 4, 6), True), ((2, 4, 4, wide), (3, 3, wide, 6), True),
+             ((2, 8, 8, 4), (3, 3, 4, 6), True)]  # fmt: skip
     for x_shape, w_shape, on_onednn in cases:
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)

@@ -46,7 +46,7 @@ def test_every_shipped_config_and_study_passes(size):
 ENUMS = [
     ("model.name", "resnet50", r"^unknown model 'resnet50': use resnet18 or vgg16; did you mean resnet18\?"),
     ("model.dtype", "float16", r"^unknown model.dtype 'float16': use float32 or bfloat16; did you mean bfloat16\? \(--config.model.dtype=bfloat16\)$"),
-    ("model.conv", "fast", r"^unknown model.conv 'fast': use one of auto, native, onednn \(--config.model.conv=...\)$"),
+    ("model.conv", "fast", r"^unknown model.conv 'fast': use one of auto, xla, native, onednn \(--config.model.conv=...\)$"),
     ("data.source", "mnist", r"^unknown data.source 'mnist': use one of archive, auto, synthetic, tfds"),
     ("data.source", "synthtic", r"did you mean synthetic\? \(--config.data.source=synthetic\)$"),
     ("optimizer.name", "adma", r"^unknown optimizer 'adma': use one of adam, adamw, sgd; did you mean adam\? \(--config.optimizer.name=adam\)$"),
@@ -257,7 +257,7 @@ def test_the_onednn_convolution_without_its_extension_is_one_error(monkeypatch):
     from jaxsam.models import onednn_conv
 
     monkeypatch.setattr(onednn_conv, "AVAILABLE", False)
-    monkeypatch.setattr(onednn_conv, "REASON", "the extension is not built")
-    with pytest.raises(ValueError, match=r"^model.conv=onednn needs the oneDNN extension, and the extension is not "
-                                         r"built: pip install onednn-cpu-gomp.* or --config.model.conv=auto$"):
+    monkeypatch.setattr(onednn_conv, "REASON", 'the extension is not built (pip install -e ".[cpu-fast]")')
+    with pytest.raises(ValueError, match=r"^model.conv=onednn needs the oneDNN extension: the extension is not "
+                                         r"built \(pip install -e \"\.\[cpu-fast\]\"\); or use --config.model.conv=auto$"):
         check_config(_config(**{"model.conv": "onednn"}))

@@ -44,12 +44,13 @@ def get_model(
       width: channel multiplier (> 0); 1.0 is the published network.
       dtype: compute dtype ("float32" or "bfloat16", or a jnp dtype);
         parameters stay float32.
-      conv: "auto": on the CPU backend, convolutions arranged for XLA:CPU
-        (`jaxsam.models.cpu_conv`: matrix products on 2x2 maps and for 1x1
-        kernels, batch chunks elsewhere; VGG16 trains 4.4x and ResNet18 1.14x
-        faster than with "native", `scripts/bench.py --native`, one run); XLA's own convolution on GPU/TPU. "native": XLA's always.
-        "onednn": oneDNN through the XLA FFI on the CPU backend where it measured faster
-        (`jaxsam.models.onednn_conv`; the extension must be built), else as "auto".
+      conv: "auto": the fastest here: on the CPU backend with the oneDNN
+        extension (`pip install -e ".[cpu-fast]"`, `jaxsam.models.onednn_conv`)
+        oneDNN through the XLA FFI where it measured faster, else "xla".
+        "xla": convolutions arranged for XLA:CPU (`jaxsam.models.cpu_conv`:
+        matrix products on 2x2 maps and for 1x1 kernels, batch chunks
+        elsewhere). "onednn": "auto" with the extension required. "native":
+        XLA's own convolution. On GPU/TPU all four are XLA's convolution.
 
     Returns:
       The Flax module.

@@ -28,28 +28,45 @@ def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-CONV_IMPLS = ("auto", "native", "onednn")
+CONV_IMPLS = ("auto", "xla", "native", "onednn")
+
+
+def conv_notice(impl: str) -> str:
+    """One line for a run whose `model.conv` could be faster here, else "".
+
+    "auto" on the CPU backend without the oneDNN extension says how to get it.
+    """
+    import jax
+
+    if impl != "auto" or jax.default_backend() != "cpu":
+        return ""
+    from jaxsam.models import onednn_conv
+
+    return "" if onednn_conv.AVAILABLE else f"conv=auto runs XLA's convolutions: {onednn_conv.REASON}"
 
 
 def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any, impl: str = "auto") -> nn.Conv:
     """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side).
 
-    `impl="auto"` uses `cpu_conv.conv_general_dilated` (on the CPU backend:
-    matrix products on maps of 2x2 or smaller and for 1x1 kernels, XLA's
-    convolution on chunks of 32 images for large activations; exactly XLA's
-    convolution on GPU/TPU); "native" is always XLA's, unchunked; "onednn"
-    runs on oneDNN where that measured faster (`onednn_conv.layer_conv_general_dilated`;
-    needs the extension built, else exactly "auto").
-    All have the same parameters.
+    `impl="auto"` is the fastest measured here: with the oneDNN extension
+    (the `cpu-fast` extra) `onednn_conv.layer_conv_general_dilated`, oneDNN
+    through the XLA FFI on the CPU backend except where matrix products were
+    faster; without it "xla". "xla": `cpu_conv.conv_general_dilated` (on the
+    CPU backend: matrix products on maps of 2x2 or smaller and for 1x1
+    kernels, XLA's convolution on chunks of 32 images for large activations).
+    "onednn": "auto" with the extension required (the config check refuses it
+    without). "native": XLA's own convolution, unchunked. All are exactly
+    XLA's convolution on GPU/TPU, and all have the same parameters.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown convolution impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
-    if impl == "onednn":
-        from jaxsam.models import onednn_conv  # loads the extension: only when asked for
+    custom = None
+    if impl in ("auto", "onednn"):
+        from jaxsam.models import onednn_conv  # builds or loads the extension once, if the extra is installed
 
-        custom = onednn_conv.layer_conv_general_dilated
-    else:
-        custom = cpu_conv.conv_general_dilated if impl == "auto" else None
+        custom = onednn_conv.layer_conv_general_dilated if onednn_conv.AVAILABLE else cpu_conv.conv_general_dilated
+    elif impl == "xla":
+        custom = cpu_conv.conv_general_dilated
     pad = kernel // 2
     return nn.Conv(
         features,

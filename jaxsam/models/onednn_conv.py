@@ -1,6 +1,6 @@
-"""oneDNN 2-D convolutions for the CPU backend, through the XLA FFI (prototype).
+"""oneDNN 2-D convolutions for the CPU backend, through the XLA FFI.
 
-The C++ side (`csrc/onednn_conv/`) exports three FFI handlers, float32 with
+The C++ side (`jaxsam/_csrc/onednn_conv.cc`) exports three FFI handlers, float32 with
 NHWC activations and HWIO kernels: the forward convolution, its data gradient
 and its weight gradient. Here each is a JAX primitive, and the three are
 closed under differentiation: every one is bilinear, so its JVP is itself
@@ -15,10 +15,16 @@ so `jax.grad`, `jax.jvp` and forward-over-reverse Hessian-vector products
 (`jax.jvp(jax.grad(f), ...)`) all stay oneDNN calls. (A `custom_vjp` could
 not be forward-differentiated.)
 
-Build the library first (`bash csrc/onednn_conv/build.sh`, needing
-`pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0`);
-without it `AVAILABLE` is False, `NOTICE` says why, and
-`conv_general_dilated` is exactly `jaxsam.models.cpu_conv.conv_general_dilated`.
+The library is built from `jaxsam/_csrc/onednn_conv.cc` at the first import
+once the `cpu-fast` extra is installed (`pip install -e ".[cpu-fast]"`:
+oneDNN from PyPI; `jaxsam.models.onednn_build` compiles it with g++). Without
+it `AVAILABLE` is False, `NOTICE` says why, and `conv_general_dilated` is
+exactly `jaxsam.models.cpu_conv.conv_general_dilated`.
+
+Each call runs on XLA's own intra-op thread pool (the batch cut into one
+single-threaded oneDNN call per pool thread), so it never competes with XLA's
+threads for the cores; `JAXSAM_ONEDNN_THREADING=omp` gives the calls to
+oneDNN's OpenMP team instead (the C++ source's header says more).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -36,36 +43,35 @@ from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxsam.models import cpu_conv
+from jaxsam.models import cpu_conv, onednn_build
 
 # jaxsam's XLA:CPU convolution, for every call oneDNN does not take (bound now, so that a caller may
 # substitute this module's function for `cpu_conv.conv_general_dilated` without a loop).
 _fallback = cpu_conv.conv_general_dilated
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LIBRARY_PATHS = (
-    os.environ.get("JAXSAM_ONEDNN_CONV_LIB", ""),
-    os.path.join(_ROOT, "csrc", "onednn_conv", "build", "libjaxsam_onednn_conv.so"),
-)
 _TARGETS = ("jaxsam_onednn_conv_fwd", "jaxsam_onednn_conv_bwd_data", "jaxsam_onednn_conv_bwd_weights")
+BUILD_HINT = onednn_build.INSTALL_HINT
 
 
 def _load() -> tuple[Any, str]:
-    for path in LIBRARY_PATHS:
-        if path and os.path.exists(path):
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError as err:
-                return None, f"{path} did not load ({err})"
-            for name in _TARGETS:
-                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-            return lib, ""
-    return None, "the extension is not built"
+    """The library ($JAXSAM_ONEDNN_CONV_LIB, else built from source by `onednn_build`), or None and why."""
+    path = os.environ.get(onednn_build.LIBRARY_ENV_VAR, "")
+    if not path:
+        try:
+            path = onednn_build.build(log=lambda line: print(line, file=sys.stderr))
+        except onednn_build.BuildError as err:
+            return None, str(err)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as err:
+        return None, f"{path} did not load ({err})"
+    for name in _TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib, ""
 
 
-BUILD_HINT = "pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 && bash csrc/onednn_conv/build.sh"
 _LIB, REASON = _load()
 AVAILABLE: bool = _LIB is not None
-NOTICE = "" if AVAILABLE else f"onednn_conv: {REASON} ({BUILD_HINT}); using jaxsam's XLA convolutions"
+NOTICE = "" if AVAILABLE else f"onednn_conv: {REASON}; using jaxsam's XLA convolutions"
 
 
 def cache_size() -> int:
@@ -129,9 +135,16 @@ ad.defbilinear(
 
 
 def _batch(prim, args, dims, **params):
-    """vmap as a loop over the mapped axis (correct, not fast: the models never vmap a convolution)."""
+    """vmap: an activation mapped alone joins the images (one call); any other mapping is a loop."""
     moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     mapped = [d is not None for d in dims]
+    if prim is not conv_bwd_weights_p and mapped == [True, False]:
+        a = moved[0]  # (B, N, ...) activations against one kernel: a batch of B * N images
+        shape = params.get("lhs_shape")
+        if shape is not None:
+            params = dict(params, lhs_shape=(a.shape[0] * shape[0], *shape[1:]))
+        out = prim.bind(a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), moved[1], **params)
+        return out.reshape(a.shape[0], a.shape[1], *out.shape[1:]), 0
 
     def one(sliced):
         it = iter(sliced)
@@ -229,13 +242,19 @@ def conv_general_dilated(
     return conv_nhwc(lhs, rhs, tuple(window_strides), pads)
 
 
-def layer_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    """`model.conv="onednn"`: `conv_general_dilated`, except where cpu_conv writes matrix products.
+# Maps of at most cpu_conv.SMALL_MAP pixels with at least this many input channels stay on matrix products.
+MATMUL_MIN_CHANNELS = 256
 
-    1x1 kernels and maps of at most `cpu_conv.SMALL_MAP` pixels stay on
+
+def layer_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """The networks' convolution with the extension: `conv_general_dilated`, except where matrix products won.
+
+    1x1 kernels, and maps of at most `cpu_conv.SMALL_MAP` pixels with at least
+    `MATMUL_MIN_CHANNELS` input channels, stay on
     `cpu_conv.conv_general_dilated`'s matrix products, which were faster than
-    oneDNN there (VGG16's 2x2 maps: 66 against 185 ms per forward and backward
-    at batch 128; `python scripts/conv_prototype.py layers`); every other
+    oneDNN there (VGG16's 2x2 maps, forward and backward at batch 64: 20.5
+    against 57.1 ms at 512 channels, 7.1 against 12.8 at 256, but 3.2 against
+    2.1 at 128; `python scripts/conv_prototype.py layers`); every other
     plain float32 NHWC/HWIO convolution runs on oneDNN.
 
     Args:
@@ -244,8 +263,9 @@ def layer_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwa
     Returns:
       The convolution.
     """
-    small = lhs.ndim == 4 and rhs.ndim == 4 and (rhs.shape[:2] == (1, 1)
-                                                 or lhs.shape[1] * lhs.shape[2] <= cpu_conv.SMALL_MAP)
+    small = lhs.ndim == 4 and rhs.ndim == 4 and (
+        rhs.shape[:2] == (1, 1)
+        or (lhs.shape[1] * lhs.shape[2] <= cpu_conv.SMALL_MAP and rhs.shape[2] >= MATMUL_MIN_CHANNELS))
     if small:
         return _fallback(lhs, rhs, *args, **kwargs)
     return conv_general_dilated(lhs, rhs, *args, **kwargs)

@@ -18,18 +18,35 @@
 // scratchpad is allocated per call (user mode), so one cached primitive may
 // run on several XLA threads at once.
 //
-// Threading is oneDNN's own (OpenMP in the onednn-cpu-gomp build): set
-// OMP_NUM_THREADS to bound it.
+// Threading: by default a call runs on XLA's own intra-op thread pool (the FFI's
+// ThreadPool context), not on oneDNN's OpenMP team, so the convolutions never
+// run beside XLA's threads on the same cores. The batch is cut into one part
+// per pool thread; each part is a single-threaded oneDNN primitive for its
+// sub-batch (the weight gradient sums the parts' partial gradients). Parts are
+// claimed from a counter by the calling thread and the pool tasks alike, and
+// the caller waits only for parts already running, so a call cannot deadlock
+// when every pool thread is busy (it then runs all parts itself).
+// JAXSAM_ONEDNN_THREADING=omp restores oneDNN's OpenMP threading (one
+// primitive over the whole batch; OMP_NUM_THREADS bounds it).
 
+#include <algorithm>
 #include <array>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+extern "C" void omp_set_num_threads(int);  // libgomp, which libdnnl (onednn-cpu-gomp) links
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -40,8 +57,9 @@ namespace {
 
 enum Op : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-// op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr
-using Key = std::array<int64_t, 16>;
+// op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, single_threaded
+// (oneDNN fixes a primitive's thread partition when it is created).
+using Key = std::array<int64_t, 17>;
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -71,7 +89,7 @@ std::mutex cache_mutex;
 std::unordered_map<Key, std::shared_ptr<Entry>, KeyHash> cache;
 
 std::shared_ptr<Entry> Build(const Key& k) {
-  const auto [op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr] = k;
+  const auto [op, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, single] = k;
   dnnl::engine& eng = Engine();
   memory::desc src({n, c, h, w}, dt::f32, tag::nhwc);
   memory::desc dst({n, o, ho, wo}, dt::f32, tag::nhwc);
@@ -123,39 +141,128 @@ std::shared_ptr<Entry> Lookup(const Key& k) {
   return cache.emplace(k, e).first->second;
 }
 
+bool UseOpenMP() {
+  static const bool omp = [] {
+    const char* v = std::getenv("JAXSAM_ONEDNN_THREADING");
+    return v != nullptr && std::strcmp(v, "omp") == 0;
+  }();
+  return omp;
+}
+
+// Runs work(0), ..., work(parts - 1) on the calling thread and the pool; returns when all are done.
+void ParallelFor(ffi::ThreadPool& pool, int parts, const std::function<void(int)>& work) {
+  struct State {
+    std::atomic<int> next{0};
+    int done = 0;
+    std::mutex m;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const std::function<void(int)>* job = &work;
+  // The helpers share `state`; a helper that starts after the last part was claimed returns at once
+  // and never touches `work`, which lives on the caller's stack.
+  auto drain = [state, job, parts] {
+    for (int i; (i = state->next.fetch_add(1)) < parts;) {
+      (*job)(i);
+      std::lock_guard<std::mutex> lock(state->m);
+      if (++state->done == parts) state->cv.notify_all();
+    }
+  };
+  for (int i = 1; i < parts; ++i) {
+    auto task = drain;
+    pool.Schedule(std::move(task));
+  }
+  drain();
+  std::unique_lock<std::mutex> lock(state->m);
+  state->cv.wait(lock, [&] { return state->done == parts; });
+}
+
+// One primitive call on its own operands (the weights already in the primitive's format).
+void Execute(Op op, const Entry& e, dnnl::stream& stream, memory& ma, memory& mb, memory& mw) {
+  memory scratch(e.scratch, Engine());
+  if (op == kFwd) {
+    e.prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, mb},
+                            {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (op == kBwdData) {
+    e.prim.execute(stream, {{DNNL_ARG_DIFF_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
+                            {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    e.prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_DIFF_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
+                            {DNNL_ARG_SCRATCHPAD, scratch}});
+  }
+  stream.wait();
+}
+
 // a: the NHWC tensor of the input side (x or dx), b: of the output side (y or dy), wt: HWIO kernel.
 ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_dims,
                ffi::Span<const int64_t> b_dims, ffi::Span<const int64_t> w_dims, int64_t sh, int64_t sw, int64_t pt,
-               int64_t pb, int64_t pl, int64_t pr) {
+               int64_t pb, int64_t pl, int64_t pr, ffi::ThreadPool pool) {
   if (a_dims.size() != 4 || b_dims.size() != 4 || w_dims.size() != 4)
     return ffi::Error::InvalidArgument("onednn_conv: expected rank-4 NHWC activations and an HWIO kernel");
   if (w_dims[2] != a_dims[3] || w_dims[3] != b_dims[3] || a_dims[0] != b_dims[0])
     return ffi::Error::InvalidArgument("onednn_conv: channel or batch sizes of the operands disagree");
   if (pt < 0 || pb < 0 || pl < 0 || pr < 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("onednn_conv: negative padding or non-positive stride");
-  Key k{op,        a_dims[0], a_dims[1], a_dims[2], a_dims[3], w_dims[0], w_dims[1], w_dims[3],
-        b_dims[1], b_dims[2], sh,        sw,        pt,        pb,        pl,        pr};
+  const int64_t n = a_dims[0];
+  const bool omp = UseOpenMP();
+  const int parts = omp ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n)));
+  // Sub-batch sizes: the first n % parts parts take one image more.
+  auto rows = [&](int i) { return n / parts + (i < n % parts ? 1 : 0); };
+  auto first = [&](int i) { return i * (n / parts) + std::min<int64_t>(i, n % parts); };
+  auto key = [&](int64_t rows_i) {
+    return Key{op,        rows_i,    a_dims[1], a_dims[2], a_dims[3], w_dims[0], w_dims[1], w_dims[3], b_dims[1],
+               b_dims[2], sh,        sw,        pt,        pb,        pl,        pr,        omp ? 0 : 1};
+  };
+  const int64_t a_row = a_dims[1] * a_dims[2] * a_dims[3], b_row = b_dims[1] * b_dims[2] * b_dims[3];
   try {
-    auto e = Lookup(k);
     dnnl::engine& eng = Engine();
+    if (!omp) omp_set_num_threads(1);  // this thread's primitives (and their creation) single-threaded
+    std::vector<std::shared_ptr<Entry>> entries(parts);
+    for (int i = 0; i < parts; ++i) entries[i] = (i > 0 && rows(i) == rows(i - 1)) ? entries[i - 1] : Lookup(key(rows(i)));
+    const Entry& e0 = *entries[0];
+    memory mw_user(e0.wei_user, eng, wt);
+    // Forward and data gradient: the kernel reordered once, read by every part.
+    memory mw_shared = (op != kBwdWeights && e0.wei_reorder) ? memory(e0.wei_prim, eng) : mw_user;
     thread_local dnnl::stream stream(eng);
-    memory ma(e->act_a, eng, a), mb(e->act_b, eng, b), mw_user(e->wei_user, eng, wt);
-    memory mw = e->wei_reorder ? memory(e->wei_prim, eng) : mw_user;
-    memory scratch(e->scratch, eng);
-    if (op == kFwd) {
-      if (e->wei_reorder) e->reorder.execute(stream, mw_user, mw);
-      e->prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, mb},
-                               {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (op == kBwdData) {
-      if (e->wei_reorder) e->reorder.execute(stream, mw_user, mw);
-      e->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
-                               {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else {
-      e->prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_DIFF_WEIGHTS, mw}, {DNNL_ARG_DIFF_DST, mb},
-                               {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (e->wei_reorder) e->reorder.execute(stream, mw, mw_user);
+    if (op != kBwdWeights && e0.wei_reorder) {
+      e0.reorder.execute(stream, mw_user, mw_shared);
+      stream.wait();
     }
-    stream.wait();
+    // Weight gradient: part 0 writes the result's buffer (or its reorder source), the others partial sums.
+    std::vector<memory> partial(parts);
+    std::vector<std::string> errors(parts);
+    ParallelFor(pool, parts, [&](int i) {
+      try {
+        if (!omp) omp_set_num_threads(1);
+        thread_local dnnl::stream part_stream(Engine());
+        const Entry& e = *entries[i];
+        memory ma(e.act_a, eng, a + first(i) * a_row), mb(e.act_b, eng, b + first(i) * b_row);
+        if (op == kBwdWeights) {
+          partial[i] = (i == 0 && !e.wei_reorder) ? mw_user : memory(e.wei_prim, eng);
+          Execute(op, e, part_stream, ma, mb, partial[i]);
+        } else {
+          memory mw = mw_shared;
+          Execute(op, e, part_stream, ma, mb, mw);
+        }
+      } catch (const dnnl::error& err) {
+        errors[i] = err.what();
+      }
+    });
+    for (const auto& err : errors)
+      if (!err.empty()) return ffi::Error::Internal("onednn_conv: " + err);
+    if (op == kBwdWeights) {
+      // Every part's gradient has the same layout (the primitives differ only in the batch): sum them.
+      float* sum = static_cast<float*>(partial[0].get_data_handle());
+      const size_t count = e0.wei_prim.get_size() / sizeof(float);
+      for (int i = 1; i < parts; ++i) {
+        const float* p = static_cast<const float*>(partial[i].get_data_handle());
+        for (size_t j = 0; j < count; ++j) sum[j] += p[j];
+      }
+      if (e0.wei_reorder) {
+        e0.reorder.execute(stream, partial[0], mw_user);
+        stream.wait();
+      }
+    }
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("onednn_conv: ") + err.what());
   }
@@ -165,26 +272,28 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error Fwd(F32 x, F32 w, F32Result y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error Fwd(F32 x, F32 w, F32Result y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+               ffi::ThreadPool pool) {
   return Run(kFwd, x.typed_data(), y->typed_data(), w.typed_data(), x.dimensions(), y->dimensions(),
-             w.dimensions(), sh, sw, pt, pb, pl, pr);
+             w.dimensions(), sh, sw, pt, pb, pl, pr, pool);
 }
 
 ffi::Error BwdData(F32 dy, F32 w, F32Result dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                   int64_t pr) {
+                   int64_t pr, ffi::ThreadPool pool) {
   return Run(kBwdData, dx->typed_data(), dy.typed_data(), w.typed_data(), dx->dimensions(), dy.dimensions(),
-             w.dimensions(), sh, sw, pt, pb, pl, pr);
+             w.dimensions(), sh, sw, pt, pb, pl, pr, pool);
 }
 
 ffi::Error BwdWeights(F32 x, F32 dy, F32Result dw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr) {
+                      int64_t pr, ffi::ThreadPool pool) {
   return Run(kBwdWeights, x.typed_data(), dy.typed_data(), dw->typed_data(), x.dimensions(), dy.dimensions(),
-             dw->dimensions(), sh, sw, pt, pb, pl, pr);
+             dw->dimensions(), sh, sw, pt, pb, pl, pr, pool);
 }
 
 #define CONV_ATTRS                                                                                     \
   .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pb").Attr<int64_t>("pl") \
-      .Attr<int64_t>("pr")
+      .Attr<int64_t>("pr")                                                                             \
+      .Ctx<ffi::ThreadPool>()
 
 }  // namespace
 
