@@ -31,11 +31,13 @@ def test_without_a_compiler_the_build_is_one_line_naming_the_fix(monkeypatch, tm
 
 def test_without_onednn_the_build_says_which_install_to_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(onednn_build, "_installed_file", lambda package, suffix: None)
     monkeypatch.setenv(onednn_build.DIR_ENV_VAR, str(tmp_path / "out"))
     assert onednn_build.main([]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f'error: oneDNN\'s headers and library are not installed in {tmp_path} (pip install -e ".[cpu-fast]")\n'
+    assert err == (f"error: oneDNN's headers and library are not installed for {sys.executable} "
+                   '(pip install -e ".[cpu-fast]")\n')
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -69,3 +71,17 @@ def test_a_build_is_keyed_by_its_source_and_kept(monkeypatch, tmp_path):
         onednn_build.build()
     assert "\n" not in str(err.value)
     assert sorted(os.listdir(tmp_path)) == sorted([".lock", os.path.basename(path), "broken.cc"])
+
+
+def test_a_model_asking_for_onednn_without_the_extension_is_refused(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsam.models import get_model, onednn_conv
+
+    monkeypatch.setattr(onednn_conv, "AVAILABLE", False)
+    monkeypatch.setattr(onednn_conv, "REASON", "the reason (the fix)")
+    model = get_model("resnet18", width=0.0625, conv="onednn")
+    with pytest.raises(ValueError, match=r"^conv='onednn' needs the oneDNN extension: the reason \(the fix\); or use "
+                                         r"conv='auto'$"):  # fmt: skip
+        model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)

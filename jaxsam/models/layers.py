@@ -54,8 +54,7 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
     faster; without it "xla". "xla": `cpu_conv.conv_general_dilated` (on the
     CPU backend: matrix products on maps of 2x2 or smaller and for 1x1
     kernels, XLA's convolution on chunks of 32 images for large activations).
-    "onednn": "auto" with the extension required (the config check refuses it
-    without). "native": XLA's own convolution, unchunked. All are exactly
+    "onednn": "auto" with the extension required (ValueError without). "native": XLA's own convolution, unchunked. All are exactly
     XLA's convolution on GPU/TPU, and all have the same parameters.
     """
     if impl not in CONV_IMPLS:
@@ -64,6 +63,8 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
     if impl in ("auto", "onednn"):
         from jaxsam.models import onednn_conv  # builds or loads the extension once, if the extra is installed
 
+        if impl == "onednn" and not onednn_conv.AVAILABLE:
+            raise ValueError(f"conv='onednn' needs the oneDNN extension: {onednn_conv.REASON}; or use conv='auto'")
         custom = onednn_conv.layer_conv_general_dilated if onednn_conv.AVAILABLE else cpu_conv.conv_general_dilated
     elif impl == "xla":
         custom = cpu_conv.conv_general_dilated

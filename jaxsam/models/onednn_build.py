@@ -51,14 +51,35 @@ def build_dir() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("JAXSAM_CACHE") or "~/.cache/jaxsam"), "onednn_conv")
 
 
+def _installed_file(package: str, suffix: str) -> str | None:
+    """The path of the file of an installed distribution whose recorded name ends with `suffix`, or None."""
+    try:
+        files = metadata.files(package) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).replace(os.sep, "/").endswith(suffix):
+            return os.path.normpath(str(f.locate()))
+    return None
+
+
 def _onednn_prefix() -> tuple[str, str]:
-    """(include dir, lib dir) of the pip-installed oneDNN, or BuildError naming the install."""
+    """(include dir, lib dir) of the pip-installed oneDNN, or BuildError naming the install.
+
+    Found through the installed distributions' file records, so an environment
+    that sees another's site-packages (a .pth, --system-site-packages) finds
+    them too; else under `sys.prefix`.
+    """
+    header = _installed_file(ONEDNN_PACKAGES[1], "include/oneapi/dnnl/dnnl.hpp")
+    library = _installed_file(ONEDNN_PACKAGES[0], "libdnnl.so.3") or _installed_file(ONEDNN_PACKAGES[0], "libdnnl.so")
+    if header and library and os.path.isfile(header) and os.path.exists(library):
+        return os.path.dirname(os.path.dirname(os.path.dirname(header))), os.path.dirname(library)
     include, lib = os.path.join(sys.prefix, "include"), os.path.join(sys.prefix, "lib")
-    if not os.path.isfile(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")) or not any(
+    if os.path.isfile(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")) and any(
         os.path.exists(os.path.join(lib, name)) for name in ("libdnnl.so", "libdnnl.so.3")
     ):
-        raise BuildError(f"oneDNN's headers and library are not installed in {sys.prefix} ({INSTALL_HINT})")
-    return include, lib
+        return include, lib
+    raise BuildError(f"oneDNN's headers and library are not installed for {sys.executable} ({INSTALL_HINT})")
 
 
 def _compiler() -> str:
