@@ -165,24 +165,31 @@ def bench_step(args) -> dict:
             steps[m] = (step, time.perf_counter() - start)
         times = {m: [] for m in steps}
         cores = {m: [] for m in steps}
+        in_onednn = {m: [] for m in steps}
         for _ in range(args.repeats):
             for m, (step, _) in steps.items():
+                b0 = onednn_conv.busy_seconds()
                 r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 step.sync(step.call())
                 t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 times[m].append(t1 - t0)
                 cores[m].append((r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (t1 - t0))
+                in_onednn[m].append((onednn_conv.busy_seconds() - b0) / (t1 - t0))
         row = dict(model=args.model, width=width, batch=args.batch, repeats=args.repeats,
-                   env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+                   env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                            "JAXSAM_ONEDNN_THREADING")},
                    first_call_s={m: s[1] for m, s in steps.items()},
                    images_per_s={m: args.batch / statistics.median(t) for m, t in times.items()},
                    cores_busy={m: statistics.median(c) for m, c in cores.items()},
+                   # seconds inside oneDNN calls (summed over the threads that made them) per step second
+                   onednn_share={m: statistics.median(c) for m, c in in_onednn.items()},
                    process_threads=len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None)  # fmt: skip
         results.append(row)
         print(f"{args.model} width {width:g} batch {args.batch} (median of {args.repeats}; env {row['env']}; "
               f"{row['process_threads']} threads in the process):")
         for m in steps:
             print(f"  {m:7s} {row['images_per_s'][m]:7.1f} img/s  cores busy {row['cores_busy'][m]:.2f}  "
+                  f"in oneDNN {row['onednn_share'][m]:.2f}  "
                   f"first call {row['first_call_s'][m]:.1f} s", flush=True)  # fmt: skip
     cpu_conv.conv_general_dilated = real
     return dict(steps=results)

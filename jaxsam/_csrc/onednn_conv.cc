@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -141,6 +142,8 @@ std::shared_ptr<Entry> Lookup(const Key& k) {
   return cache.emplace(k, e).first->second;
 }
 
+std::atomic<int64_t> busy_ns{0};  // wall time inside the handlers, summed over calls (for the benchmark)
+
 bool UseOpenMP() {
   static const bool omp = [] {
     const char* v = std::getenv("JAXSAM_ONEDNN_THREADING");
@@ -203,6 +206,13 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
     return ffi::Error::InvalidArgument("onednn_conv: channel or batch sizes of the operands disagree");
   if (pt < 0 || pb < 0 || pl < 0 || pr < 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("onednn_conv: negative padding or non-positive stride");
+  const auto started = std::chrono::steady_clock::now();
+  struct Clock {
+    std::chrono::steady_clock::time_point t0;
+    ~Clock() {
+      busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    }
+  } clock{started};
   const int64_t n = a_dims[0];
   const bool omp = UseOpenMP();
   const int parts = omp ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n)));
@@ -303,6 +313,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxsam_onednn_conv_bwd_data, BwdData,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxsam_onednn_conv_bwd_weights, BwdWeights,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>() CONV_ATTRS);
+
+// Wall nanoseconds spent inside the handlers since the library loaded (for the benchmark).
+extern "C" int64_t jaxsam_onednn_conv_busy_ns() { return busy_ns.load(); }
 
 // Number of cached primitives (for tests and the benchmark).
 extern "C" int64_t jaxsam_onednn_conv_cache_size() {

@@ -83,6 +83,15 @@ def cache_size() -> int:
     return int(fn())
 
 
+def busy_seconds() -> float:
+    """Wall seconds spent inside the library's calls since it loaded, summed over threads (0 when not built)."""
+    if _LIB is None:
+        return 0.0
+    fn = _LIB.jaxsam_onednn_conv_busy_ns
+    fn.restype = ctypes.c_int64
+    return int(fn()) * 1e-9
+
+
 def _out_hw(h, w, kh, kw, strides, pads):
     (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
     return (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
