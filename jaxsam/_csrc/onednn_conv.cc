@@ -152,26 +152,31 @@ bool UseOpenMP() {
   return omp;
 }
 
-// Runs work(0), ..., work(parts - 1) on the calling thread and the pool; returns when all are done.
-void ParallelFor(ffi::ThreadPool& pool, int parts, const std::function<void(int)>& work) {
+// Runs work(0, slot), ..., work(parts - 1, slot) on the calling thread and up to `helpers` pool tasks;
+// returns when all are done. `slot` (0 .. helpers) names the participant running a part, so that a
+// part may add into that participant's own buffer.
+void ParallelFor(ffi::ThreadPool& pool, int parts, int helpers, const std::function<void(int, int)>& work) {
   struct State {
     std::atomic<int> next{0};
+    std::atomic<int> slots{0};
     int done = 0;
     std::mutex m;
     std::condition_variable cv;
   };
   auto state = std::make_shared<State>();
-  const std::function<void(int)>* job = &work;
+  const std::function<void(int, int)>* job = &work;
   // The helpers share `state`; a helper that starts after the last part was claimed returns at once
   // and never touches `work`, which lives on the caller's stack.
   auto drain = [state, job, parts] {
+    int slot = -1;
     for (int i; (i = state->next.fetch_add(1)) < parts;) {
-      (*job)(i);
+      if (slot < 0) slot = state->slots.fetch_add(1);
+      (*job)(i, slot);
       std::lock_guard<std::mutex> lock(state->m);
       if (++state->done == parts) state->cv.notify_all();
     }
   };
-  for (int i = 1; i < parts; ++i) {
+  for (int i = 0; i < helpers; ++i) {
     auto task = drain;
     pool.Schedule(std::move(task));
   }
@@ -180,9 +185,30 @@ void ParallelFor(ffi::ThreadPool& pool, int parts, const std::function<void(int)
   state->cv.wait(lock, [&] { return state->done == parts; });
 }
 
+// This thread's scratchpad, grown as needed and kept: a fresh allocation per call would fault in its
+// pages every time. One thread runs one primitive at a time, so one buffer per thread suffices.
+void* Scratch(size_t bytes) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buffer;
+  if (bytes > buffer.size) {
+    std::free(buffer.p);
+    buffer.size = (bytes + 63) / 64 * 64;
+    buffer.p = std::aligned_alloc(64, buffer.size);
+    if (buffer.p == nullptr) {
+      buffer.size = 0;
+      throw dnnl::error(dnnl_out_of_memory, "scratchpad allocation failed");
+    }
+  }
+  return buffer.p;
+}
+
 // One primitive call on its own operands (the weights already in the primitive's format).
 void Execute(Op op, const Entry& e, dnnl::stream& stream, memory& ma, memory& mb, memory& mw) {
-  memory scratch(e.scratch, Engine());
+  memory scratch(e.scratch, Engine(), Scratch(std::max<size_t>(e.scratch.get_size(), 1)));
   if (op == kFwd) {
     e.prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mw}, {DNNL_ARG_DST, mb},
                             {DNNL_ARG_SCRATCHPAD, scratch}});
@@ -215,7 +241,8 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
   } clock{started};
   const int64_t n = a_dims[0];
   const bool omp = UseOpenMP();
-  const int parts = omp ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n)));
+  const int64_t threads = omp ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int parts = static_cast<int>(std::min<int64_t>(n, threads));
   // Sub-batch sizes: the first n % parts parts take one image more.
   auto rows = [&](int i) { return n / parts + (i < n % parts ? 1 : 0); };
   auto first = [&](int i) { return i * (n / parts) + std::min<int64_t>(i, n % parts); };
@@ -231,29 +258,68 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
     for (int i = 0; i < parts; ++i) entries[i] = (i > 0 && rows(i) == rows(i - 1)) ? entries[i - 1] : Lookup(key(rows(i)));
     const Entry& e0 = *entries[0];
     memory mw_user(e0.wei_user, eng, wt);
-    // Forward and data gradient: the kernel reordered once, read by every part.
-    memory mw_shared = (op != kBwdWeights && e0.wei_reorder) ? memory(e0.wei_prim, eng) : mw_user;
     thread_local dnnl::stream stream(eng);
-    if (op != kBwdWeights && e0.wei_reorder) {
-      e0.reorder.execute(stream, mw_user, mw_shared);
-      stream.wait();
+    // Forward and data gradient: the kernel in each part's layout, reordered once per distinct layout
+    // (parts of two batch sizes may, in principle, want different layouts).
+    std::vector<memory> weights(parts);
+    if (op != kBwdWeights) {
+      for (int i = 0; i < parts; ++i) {
+        const Entry& e = *entries[i];
+        int same = -1;
+        for (int j = 0; j < i && same < 0; ++j)
+          if (entries[j]->wei_prim == e.wei_prim) same = j;
+        if (same >= 0) {
+          weights[i] = weights[same];
+        } else if (!e.wei_reorder) {
+          weights[i] = mw_user;
+        } else {
+          weights[i] = memory(e.wei_prim, eng);
+          e.reorder.execute(stream, mw_user, weights[i]);
+          stream.wait();
+        }
+      }
     }
-    // Weight gradient: part 0 writes the result's buffer (or its reorder source), the others partial sums.
-    std::vector<memory> partial(parts);
+    // Weight gradient: each participant sums its parts into its own buffer, in part 0's layout.
+    const int slots = static_cast<int>(threads);
+    std::vector<memory> sums(slots), spare(slots);
+    std::vector<char> has_sum(slots, 0), has_spare(slots, 0);
+    const size_t count = e0.wei_prim.get_size() / sizeof(float);
     std::vector<std::string> errors(parts);
-    ParallelFor(pool, parts, [&](int i) {
+    ParallelFor(pool, parts, slots - 1, [&](int i, int slot) {
       try {
         if (!omp) omp_set_num_threads(1);
         thread_local dnnl::stream part_stream(Engine());
         const Entry& e = *entries[i];
         memory ma(e.act_a, eng, a + first(i) * a_row), mb(e.act_b, eng, b + first(i) * b_row);
-        if (op == kBwdWeights) {
-          partial[i] = (i == 0 && !e.wei_reorder) ? mw_user : memory(e.wei_prim, eng);
-          Execute(op, e, part_stream, ma, mb, partial[i]);
-        } else {
-          memory mw = mw_shared;
-          Execute(op, e, part_stream, ma, mb, mw);
+        if (op != kBwdWeights) {
+          Execute(op, e, part_stream, ma, mb, weights[i]);
+          return;
         }
+        // This part's gradient into `dst` (part 0's layout), through its own layout if that differs.
+        auto into = [&](memory& dst) {
+          if (e.wei_prim == e0.wei_prim) {
+            Execute(op, e, part_stream, ma, mb, dst);
+          } else {
+            memory own(e.wei_prim, eng);
+            Execute(op, e, part_stream, ma, mb, own);
+            dnnl::reorder(own, dst).execute(part_stream, own, dst);
+            part_stream.wait();
+          }
+        };
+        if (!has_sum[slot]) {
+          sums[slot] = memory(e0.wei_prim, eng);
+          into(sums[slot]);
+          has_sum[slot] = 1;
+          return;
+        }
+        if (!has_spare[slot]) {
+          spare[slot] = memory(e0.wei_prim, eng);
+          has_spare[slot] = 1;
+        }
+        into(spare[slot]);
+        float* sum = static_cast<float*>(sums[slot].get_data_handle());
+        const float* add = static_cast<const float*>(spare[slot].get_data_handle());
+        for (size_t j = 0; j < count; ++j) sum[j] += add[j];
       } catch (const dnnl::error& err) {
         errors[i] = err.what();
       }
@@ -261,16 +327,23 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
     for (const auto& err : errors)
       if (!err.empty()) return ffi::Error::Internal("onednn_conv: " + err);
     if (op == kBwdWeights) {
-      // Every part's gradient has the same layout (the primitives differ only in the batch): sum them.
-      float* sum = static_cast<float*>(partial[0].get_data_handle());
-      const size_t count = e0.wei_prim.get_size() / sizeof(float);
-      for (int i = 1; i < parts; ++i) {
-        const float* p = static_cast<const float*>(partial[i].get_data_handle());
-        for (size_t j = 0; j < count; ++j) sum[j] += p[j];
+      // Every participant's sum has part 0's layout: add them, then to HWIO.
+      int head = -1;
+      for (int sl = 0; sl < slots; ++sl) {
+        if (!has_sum[sl]) continue;
+        if (head < 0) {
+          head = sl;
+          continue;
+        }
+        float* sum = static_cast<float*>(sums[head].get_data_handle());
+        const float* add = static_cast<const float*>(sums[sl].get_data_handle());
+        for (size_t j = 0; j < count; ++j) sum[j] += add[j];
       }
       if (e0.wei_reorder) {
-        e0.reorder.execute(stream, partial[0], mw_user);
+        e0.reorder.execute(stream, sums[head], mw_user);
         stream.wait();
+      } else {
+        std::memcpy(wt, sums[head].get_data_handle(), count * sizeof(float));
       }
     }
   } catch (const dnnl::error& err) {
