@@ -73,6 +73,8 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
 
     # Each measure against the generalization gap.
     arms_in_rows = [a for _, arms in groups for a in arms]
+    # Arms beyond the optimizer groups (the study's extra_arms, e.g. original_adam) get colours too.
+    arms_in_rows += sorted({r["arm"] for r in rows} - set(arms_in_rows))
     colours = {arm: f"C{i % 10}" for i, arm in enumerate(arms_in_rows)}
     taus = kendall_taus(rows)
     scatter = []
