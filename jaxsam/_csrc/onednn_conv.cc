@@ -15,8 +15,8 @@
 // descriptor once and keeps it in a process-wide cache. Activations stay in
 // NHWC (no reorders of the large tensors); kernels use the format oneDNN
 // prefers ("any") and are reordered from/to HWIO on each call (small). The
-// scratchpad is allocated per call (user mode), so one cached primitive may
-// run on several XLA threads at once.
+// scratchpad is the calling thread's own (user mode, kept and grown per
+// thread), so one cached primitive may run on several XLA threads at once.
 //
 // Threading: by default a call runs on XLA's own intra-op thread pool (the FFI's
 // ThreadPool context), not on oneDNN's OpenMP team, so the convolutions never
@@ -206,6 +206,13 @@ void* Scratch(size_t bytes) {
   return buffer.p;
 }
 
+// sum += add, elementwise over `count` floats (two weight gradients of one layout).
+void AddInto(memory& sum, const memory& add, size_t count) {
+  float* s = static_cast<float*>(sum.get_data_handle());
+  const float* a = static_cast<const float*>(add.get_data_handle());
+  for (size_t j = 0; j < count; ++j) s[j] += a[j];
+}
+
 // One primitive call on its own operands (the weights already in the primitive's format).
 void Execute(Op op, const Entry& e, dnnl::stream& stream, memory& ma, memory& mb, memory& mw) {
   memory scratch(e.scratch, Engine(), Scratch(std::max<size_t>(e.scratch.get_size(), 1)));
@@ -232,13 +239,12 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
     return ffi::Error::InvalidArgument("onednn_conv: channel or batch sizes of the operands disagree");
   if (pt < 0 || pb < 0 || pl < 0 || pr < 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("onednn_conv: negative padding or non-positive stride");
-  const auto started = std::chrono::steady_clock::now();
   struct Clock {
     std::chrono::steady_clock::time_point t0;
     ~Clock() {
       busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
     }
-  } clock{started};
+  } clock{std::chrono::steady_clock::now()};
   const int64_t n = a_dims[0];
   const bool omp = UseOpenMP();
   const int64_t threads = omp ? 1 : std::max<int64_t>(1, pool.num_threads());
@@ -280,7 +286,7 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
       }
     }
     // Weight gradient: each participant sums its parts into its own buffer, in part 0's layout.
-    const int slots = static_cast<int>(threads);
+    const int slots = parts;  // at most one participant per part: the caller and parts - 1 pool tasks
     std::vector<memory> sums(slots), spare(slots);
     std::vector<char> has_sum(slots, 0), has_spare(slots, 0);
     const size_t count = e0.wei_prim.get_size() / sizeof(float);
@@ -317,9 +323,7 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
           has_spare[slot] = 1;
         }
         into(spare[slot]);
-        float* sum = static_cast<float*>(sums[slot].get_data_handle());
-        const float* add = static_cast<const float*>(spare[slot].get_data_handle());
-        for (size_t j = 0; j < count; ++j) sum[j] += add[j];
+        AddInto(sums[slot], spare[slot], count);
       } catch (const dnnl::error& err) {
         errors[i] = err.what();
       }
@@ -335,9 +339,7 @@ ffi::Error Run(Op op, float* a, float* b, float* wt, ffi::Span<const int64_t> a_
           head = sl;
           continue;
         }
-        float* sum = static_cast<float*>(sums[head].get_data_handle());
-        const float* add = static_cast<const float*>(sums[sl].get_data_handle());
-        for (size_t j = 0; j < count; ++j) sum[j] += add[j];
+        AddInto(sums[head], sums[sl], count);
       }
       if (e0.wei_reorder) {
         e0.reorder.execute(stream, sums[head], mw_user);

@@ -54,8 +54,9 @@ def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype:
     faster; without it "xla". "xla": `cpu_conv.conv_general_dilated` (on the
     CPU backend: matrix products on maps of 2x2 or smaller and for 1x1
     kernels, XLA's convolution on chunks of 32 images for large activations).
-    "onednn": "auto" with the extension required (ValueError without). "native": XLA's own convolution, unchunked. All are exactly
-    XLA's convolution on GPU/TPU, and all have the same parameters.
+    "onednn": "auto" with the extension required (ValueError without).
+    "native": XLA's own convolution, unchunked. All are exactly XLA's
+    convolution on GPU/TPU, and all have the same parameters.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown convolution impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
