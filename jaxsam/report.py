@@ -229,16 +229,21 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
         n_test = f"the first {c.data.n_test:,}" if c.data.n_test else "all 10,000"
     augmentation = (f"random {c.data.crop_padding}-pixel-padded crops and horizontal flips" if c.data.crop_padding
                     else "horizontal flips only")  # fmt: skip
+    epochs = int(study.run.train.num_epochs)  # every arm's, but a pair_epochs pair's
+    unless = " (unless an arm below says otherwise)" if lib.pair_epochs(study) else ""
     lines = [
         f"- **Data:** {data}; training on {n_train} ({augmentation}); test accuracy on {n_test} test images.",
         f"- **Networks:** {', '.join(_model_label(m) for m in _models(study))} at width {c.model.width:g} "
         f"({'full width' if c.model.width == 1 else 'channel counts scaled'}), {c.model.dtype}.",
-        f"- **Training:** {c.train.num_epochs} epochs, batch {c.train.batch_size}, {c.optimizer.schedule} learning-rate "
+        f"- **Training:** {epochs} epochs{unless}, batch {c.train.batch_size}, {c.optimizer.schedule} learning-rate "
         f"schedule, L2 weight decay {c.optimizer.weight_decay:g}; seeds 0–{int(study.seeds) - 1}.",
         "- **Arms:**",
     ]
-    for arm in [a.strip() for a in study.arms.split(",") if a.strip()]:
-        ac = lib.run_config(study, lib.RunSpec(spec.model, arm, 0, 0))
+    specs = lib.plan(study)
+    for arm in dict.fromkeys(s.arm for s in specs):
+        models = list(dict.fromkeys(s.model for s in specs if s.arm == arm))
+        configs = {m: lib.run_config(study, lib.RunSpec(m, arm, 0, 0)) for m in models}
+        ac = configs[models[0]]
         o, s = ac.optimizer, ac.sam
         names = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
         text = f"{names.get(o.name, o.name)} lr {o.learning_rate:g}" + (
@@ -247,6 +252,11 @@ def _setting(study: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> li
             text += f", {s.name.upper() if s.name != 'looksam' else 'LookSAM'} ρ {s.rho:g}"
         if ac.train.label_smoothing:
             text += f", label smoothing {ac.train.label_smoothing:g}"
+        only = len(models) < len(_models(study))
+        text += "".join(f", {configs[m].train.num_epochs} epochs" + ("" if only else f" on {_model_label(m)}")
+                        for m in models if configs[m].train.num_epochs != epochs)  # fmt: skip
+        if only:
+            text += f" ({', '.join(_model_label(m) for m in models)} only)"
         lines.append(f"  - {_label(arm)} (`{arm}`): {text}")
     m = study.measure
     first_seeds = "first seed only" if int(study.figure_seeds) == 1 else f"first {study.figure_seeds} seeds"

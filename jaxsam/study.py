@@ -142,6 +142,7 @@ def check_study(study: ml_collections.ConfigDict) -> None:
     if int(study.seeds) < 1:
         raise ValueError(f"study.seeds must be >= 1 (got {study.seeds})")
     extra_runs(study)
+    pair_epochs(study)
     for field in ("measures", "figure_measures"):
         value = study.measure.measures if field == "measures" else study.figure_measures
         if value.strip():
@@ -162,6 +163,33 @@ def extra_runs(study: ml_collections.ConfigDict) -> list[tuple[str, str]]:
             raise ValueError(f"study.extra_arms names {item!r} twice: list each once")
         pairs.append((model, arm))
     return pairs
+
+
+def pair_epochs(study: ml_collections.ConfigDict) -> dict[tuple[str, str], int]:
+    """{(model, base arm): epochs} from `study.pair_epochs` ("vgg16:sgd=80,resnet18:original_adam=150").
+
+    Each entry sets the number of epochs of a base arm on one model and of every
+    SAM arm compared with it (`Arm.base`), so a SAM − base difference always
+    compares runs of the same length. Entries for pairs the grid does not hold
+    change nothing.
+    """
+    out: dict[tuple[str, str], int] = {}
+    for item in [i.strip() for i in study.get("pair_epochs", "").split(",") if i.strip()]:
+        pair, _, epochs = item.partition("=")
+        model, _, arm = pair.strip().partition(":")
+        model, arm = model.strip(), arm.strip()
+        usage = "use model:base_arm=epochs, e.g. vgg16:sgd=80"
+        if model not in MODELS or arm not in ARMS:
+            raise ValueError(f"study.pair_epochs has {item!r}: {usage} (models {', '.join(MODELS)})")
+        if ARMS[arm].base is not None:
+            raise ValueError(f"study.pair_epochs has {item!r}: name the base arm {ARMS[arm].base!r}, which sets "
+                             f"the epochs of its SAM arms too ({usage})")  # fmt: skip
+        if not epochs.strip().isdigit() or int(epochs) < 1:
+            raise ValueError(f"study.pair_epochs has {item!r}: the epochs must be a whole number >= 1 ({usage})")
+        if (model, arm) in out:
+            raise ValueError(f"study.pair_epochs names {model}:{arm} twice: list each pair once")
+        out[(model, arm)] = int(epochs)
+    return out
 
 
 def plan(study: ml_collections.ConfigDict) -> list[RunSpec]:
@@ -190,11 +218,14 @@ def run_overrides(study: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_config(study: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
-    """The training config of one run: size defaults, then the arm, then the study's overrides."""
+    """The training config of one run: size defaults, then the arm, the study's overrides, its pair's epochs."""
     c = ARMS[spec.arm].apply(base_config(study.size))
     c.model.name = spec.model
     c.seed = spec.seed
     c.update_from_flattened_dict(run_overrides(study))
+    epochs = pair_epochs(study).get((spec.model, ARMS[spec.arm].base or spec.arm))
+    if epochs is not None:
+        c.train.num_epochs = epochs
     return c
 
 
@@ -289,7 +320,8 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
         from jaxsam.geometry.measure import measure_options as measure_defaults
         from jaxsam.train import _flat as flat
 
-        grid = ("models", "arms", "extra_arms", "seeds", "figure_seeds", "figure_measures")
+        # pair_epochs is grid-like: a run trained with other epochs is refused by its own settings check.
+        grid = ("models", "arms", "extra_arms", "pair_epochs", "seeds", "figure_seeds", "figure_measures")
         old, new = flat(ml_collections.ConfigDict(saved["study"])), flat(study)
         # A run or measure field the saved study predates counts as its default (older study folders resume).
         size = old.get("run.size", "full")
@@ -300,7 +332,7 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "
-                f"(only the grid, models/arms/seeds/figure_*, may change between starts)"
+                f"(only the grid, models/arms/extra_arms/pair_epochs/seeds/figure_*, may change between starts)"
             )
     _write_json(path, {"study": current, "command": command})
 

@@ -71,6 +71,19 @@ def test_the_fit_grid_adds_the_original_adam_setting_on_resnet18_and_jobs_pair_b
     assert (config.data.n_train, config.train.num_epochs, config.data.crop_padding, config.model.width) == (
         5000, 40, 0, 0.125)
     assert study.measure.n_examples == 1024 and study.measure.antithetic
+    # The pairs that need longer to fit train longer, base and SAM alike; the others keep 40 epochs.
+    epochs = {(s.model, s.arm): study_lib.run_config(study, s).train.num_epochs for s in specs if s.seed == 2}
+    assert epochs[("vgg16", "sgd")] == epochs[("vgg16", "sgd_sam")] == 80
+    assert epochs[("resnet18", "original_adam")] == epochs[("resnet18", "original_adam_asam")] == 150
+    assert epochs[("resnet18", "sgd")] == epochs[("resnet18", "sgd_sam")] == epochs[("vgg16", "adam_sam")] == 40
+    # The report's Setting lists every arm of the plan (the extra arms too) with the epochs that differ.
+    from jaxsam import report
+
+    setting = "\n".join(report._setting(study, []))
+    assert "- **Training:** 40 epochs (unless an arm below says otherwise), batch 128" in setting
+    assert "  - SGD + SAM (`sgd_sam`): SGD lr 0.1, momentum 0.9, SAM ρ 0.05, 80 epochs on VGG16\n" in setting
+    assert ("  - Adam + ASAM ρ=2 (original) (`original_adam_asam`): Adam lr 0.001, β = (0.9, 0.999), ASAM ρ 2, "
+            "label smoothing 0.1, 150 epochs (ResNet18 only)\n") in setting
     # One job per (model, seed, base arm): the SAM run measured with its base (the interpolation needs both).
     grouped = jobs.group_jobs(specs)
     assert len(grouped) == 5 * 3 and sorted(len(j) for j in grouped) == [2] * 15
@@ -115,6 +128,11 @@ def test_figure_measures_run_on_the_first_seed_only_and_bases_interpolate_to_the
         ({"extra_arms": "resnet50:sgd"}, "study.extra_arms has 'resnet50:sgd': use model:arm"),
         ({"extra_arms": "vgg16:lion"}, "study.extra_arms has 'vgg16:lion': use model:arm"),
         ({"extra_arms": "vgg16:sgd,vgg16:sgd"}, "study.extra_arms names 'vgg16:sgd' twice"),
+        ({"pair_epochs": "vgg16:sgd"}, "study.pair_epochs has 'vgg16:sgd': the epochs must be a whole number"),
+        ({"pair_epochs": "vgg16:sgd=0"}, "study.pair_epochs has 'vgg16:sgd=0': the epochs must be a whole number"),
+        ({"pair_epochs": "vgg19:sgd=3"}, "study.pair_epochs has 'vgg19:sgd=3': use model:base_arm=epochs"),
+        ({"pair_epochs": "vgg16:sgd_sam=3"}, "study.pair_epochs has 'vgg16:sgd_sam=3': name the base arm 'sgd'"),
+        ({"pair_epochs": "vgg16:sgd=3,vgg16:sgd=4"}, "study.pair_epochs names vgg16:sgd twice"),
     ],
 )
 def test_bad_study_configs_are_one_line_errors(overrides, message):
@@ -267,6 +285,11 @@ def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_cod
     with pytest.raises(ValueError, match=r"has finished training but no final checkpoint, and its geometry is not "
                                          r"measured with this study's options: copy its checkpoints/ too"):
         study_lib.run_study(study_config("smoke", **{**TINY, "measure.ascent_steps": 3}), folder, log=lines.append)
+    assert {name: open(os.path.join(folder, name)).read() for name in before} == before
+    # pair_epochs may change between starts, but a pair's runs made with other epochs are refused, not extended.
+    longer = {**TINY, "pair_epochs": "resnet18:sgd=3"}
+    with pytest.raises(ValueError, match=r"^resnet18 sgd seed 0 in .* was made with other settings"):
+        study_lib.run_study(study_config("smoke", **longer), folder, log=lines.append)
     assert {name: open(os.path.join(folder, name)).read() for name in before} == before
 
 
