@@ -299,8 +299,10 @@ def _geometry(workdir: str) -> dict[str, Any] | None:
 
 def is_measured(workdir: str, options: ml_collections.ConfigDict, compare_to: str | None) -> bool:
     """True when geometry.json was made with these options (and interpolation partner)."""
+    from jaxsam.measure import same_options
+
     saved = _geometry(workdir)
-    if saved is None or saved.get("options") != options.to_dict():
+    if saved is None or not same_options(saved.get("options", {}), options.to_dict()):
         return False
     # The partner is the same run of the study wherever the folder now is (runs copied between machines):
     # compare its runs/<model>/<arm>/seed<k> tail, not the absolute path the measurement was made at.

@@ -117,6 +117,26 @@ def test_figure_measures_run_on_the_first_seed_only_and_bases_interpolate_to_the
     assert study_lib.interpolation_partner(specs, partner) is None
 
 
+def test_measures_saved_before_the_eigen_solver_options_count_as_lanczos_measures(tmp_path):
+    """A geometry.json without eigen_method (the committed :fit grid's) is measured under options choosing
+    Lanczos with the same steps, whatever the restarted solver's unread options say, and not otherwise."""
+    from jaxsam import files
+    from jaxsam.measure import measure_options
+
+    options = measure_options("fit")
+    assert options.eigen_method == "lanczos"
+    legacy = {k: v for k, v in options.to_dict().items() if not k.startswith("eigen_")}
+    (tmp_path / "geometry").mkdir()
+    files.write_json(str(tmp_path / "geometry" / "geometry.json"), {"options": legacy, "compare_to": None})
+    assert study_lib.is_measured(str(tmp_path), options, None)
+    options.eigen_tol = 1e-3  # read by the restarted solver only
+    assert study_lib.is_measured(str(tmp_path), options, None)
+    for field, value in (("eigen_method", "restarted"), ("lanczos_iters", 31)):
+        changed = measure_options("fit")
+        changed[field] = value
+        assert not study_lib.is_measured(str(tmp_path), changed, None)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
