@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsam import data
+from jaxsam import cifar10, data
 from jaxsam.data import DataError
 
 REAL_ARCHIVE = pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar-10-binary.tar.gz"
@@ -61,7 +61,7 @@ def _write_tar(
 @pytest.fixture
 def small_records(monkeypatch):
     """Batch files of RECORDS records instead of 10,000."""
-    monkeypatch.setattr(data, "RECORDS_PER_FILE", RECORDS)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_FILE", RECORDS)  # the reader's (data re-exports it)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import types
 import numpy as np
 import pytest
 
-from jaxsam import config, data, download
+from jaxsam import cifar10, config, data, download
 from jaxsam.data import DataError
 
 REAL_ARCHIVE = pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar-10-binary.tar.gz"
@@ -234,7 +234,7 @@ def test_processes_sharing_the_cache_download_once(server, cache):
 @pytest.fixture
 def tiny_archive(monkeypatch) -> bytes:
     """A cifar-10-binary.tar.gz of 3 records per batch file, as bytes."""
-    monkeypatch.setattr(data, "RECORDS_PER_FILE", 3)
+    monkeypatch.setattr(cifar10, "RECORDS_PER_FILE", 3)  # the reader's (data re-exports it)
     rng = np.random.default_rng(1)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
