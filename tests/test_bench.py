@@ -1,4 +1,4 @@
-"""scripts/bench.py's measuring machinery: turn-taking worker processes and its error rows."""
+"""scripts/bench.py's measuring machinery (scripts/bench_workers.py): turn-taking worker processes and its error rows."""
 
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _script("bench")
+
+
+@pytest.fixture(scope="module")
+def bench_workers():
+    return _script("bench_workers")
 
 
 def test_interleaved_workers_time_each_step_and_keep_their_ratio(bench):
@@ -54,7 +63,7 @@ def test_a_failing_worker_gives_an_error_row_and_the_others_still_run(bench):
     assert "error" in broken and "no_such_step" in broken["error"]
 
 
-def test_the_eigen_row_counts_both_solvers_products_on_one_operator(bench, capsys):
+def test_the_eigen_row_counts_both_solvers_products_on_one_operator(bench, bench_workers, capsys):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +73,7 @@ def test_the_eigen_row_counts_both_solvers_products_on_one_operator(bench, capsy
     spectrum = rng.uniform(-0.5, 0.5, 200)
     spectrum[:3] = [10.0, 6.0, 3.0]
     a = jnp.asarray((q * spectrum) @ q.T, jnp.float32)
-    row = bench._eigen_compare(jax.jit(lambda x: a @ x), 200, np.float32, 3, 1e-6)
+    row = bench_workers._eigen_compare(jax.jit(lambda x: a @ x), 200, np.float32, 3, 1e-6)
     assert row["eigen_converged"] and row["eigen_hvps"] <= row["eigsh_hvps"]
     for name in ("eigen", "eigsh"):
         np.testing.assert_allclose(row[f"{name}_values"], [10.0, 6.0, 3.0], rtol=1e-5)
