@@ -297,7 +297,8 @@ def run_study(
     done += sum(study_lib._measured(s, specs, study, workdirs) for s in specs)
     spent: list[float] = []  # seconds of the steps done by this call, for the estimate
     study_start = time.time()
-    log(f"study {study_dir}: {len(specs)} runs ({study.models} x {study.arms} x {study.seeds} seeds), "
+    extra = f" + {study.extra_arms}" if study.get("extra_arms") else ""
+    log(f"study {study_dir}: {len(specs)} runs ({study.models} x {study.arms} x {study.seeds} seeds{extra}), "
         f"{done}/{steps} steps (trainings + measurements) already done")  # fmt: skip
 
     def report_progress(what: str, seconds: float) -> None:
@@ -315,16 +316,36 @@ def run_study(
     elif unfinished:
         _run_submitted(make_executor(executor, study_dir, parallel=parallel, slurm=slurm), unfinished, study_dir,
                        parallel=int(parallel) if executor == "local" else len(unfinished), log=log,
-                       on_step=report_progress)  # fmt: skip
+                       on_step=report_progress, stop_on_exit=executor == "local")  # fmt: skip
     gather_provenance(study_dir, specs)
     summary = study_lib.write_report(study_dir)
     log(study_lib._one_line_summary(summary, time.time() - study_start))
     return summary
 
 
-def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_step) -> None:
-    """Submits `jobs`, at most `parallel` running at once; logs their steps as each finishes."""
+def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_step, stop_on_exit: bool) -> None:
+    """Submits `jobs`, at most `parallel` running at once; logs their steps as each finishes.
+
+    With `stop_on_exit` (local jobs), an interrupted wait (Ctrl-C, or SIGTERM
+    through scripts/study.py) stops the running jobs before it propagates: a
+    local job would otherwise go on training after the command is gone (submitit's
+    jobs ignore SIGTERM), and the next start would wait for it.
+    """
     waiting, running, failed = list(jobs), [], []
+    try:
+        _wait_for_jobs(executor, waiting, running, failed, study_dir, parallel=parallel, log=log, on_step=on_step)
+    except BaseException:
+        if stop_on_exit and running:
+            for _, handle in running:
+                handle.cancel(check=False)
+            log(f"interrupted: stopped {len(running)} running job(s); the same command resumes them")
+        raise
+    if failed:
+        raise ValueError(f"{len(failed)} job(s) failed: " + "; ".join(failed))
+
+
+def _wait_for_jobs(executor, waiting: list, running: list, failed: list, study_dir: str, *, parallel: int, log,
+                   on_step) -> None:  # fmt: skip
     while waiting or running:
         while waiting and len(running) < parallel:
             job = waiting.pop(0)
@@ -341,8 +362,6 @@ def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_ste
                 failed.append(f"{job[0].name} (job {handle.job_id}: {lines[-1] if lines else err}; "
                               f"log {handle.paths.stderr})")  # fmt: skip
                 log(f"failed: {failed[-1]}")
-    if failed:
-        raise ValueError(f"{len(failed)} job(s) failed: " + "; ".join(failed))
 
 
 SMALL_FILES = ("config.json", "metrics.jsonl", PROVENANCE, os.path.join("geometry", "geometry.json"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -64,13 +65,22 @@ def main(argv):
         slurm = jobs.SlurmOptions(partition=_SLURM_PARTITION.value, time_min=_SLURM_TIME.value,
                                   gpus_per_node=_SLURM_GPUS.value, cpus_per_task=_SLURM_CPUS.value,
                                   mem_gb=_SLURM_MEM.value, account=_SLURM_ACCOUNT.value)  # fmt: skip
+        # SIGTERM (kill, a scheduler's stop) interrupts like Ctrl-C, so the local jobs are stopped with the command.
+        signal.signal(signal.SIGTERM, _interrupt)
         study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]),
                         executor=_EXECUTOR.value, parallel=_PARALLEL.value, slurm=slurm)  # fmt: skip
         _export(jobs, workdir)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the same command resumes the study", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _export(jobs, workdir: str) -> None:

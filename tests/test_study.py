@@ -233,6 +233,35 @@ def test_rerun_does_nothing_and_report_only_is_byte_identical(finished_study):
         assert f.read() == before
 
 
+def test_a_terminated_study_stops_its_local_jobs_with_it(tmp_path):
+    """SIGTERM to the command (kill, a scheduler's stop) stops the submitit job it is waiting for: submitit's
+    jobs ignore SIGTERM, so without this the job trains on after the command and a new start waits for it."""
+    folder = str(tmp_path / "terminated")
+    command = [sys.executable, os.path.join(ROOT, "scripts", "study.py"),
+               f"--config={os.path.join(ROOT, 'configs', 'study.py')}:smoke", "--workdir", folder, *_flags(TINY)]  # fmt: skip
+    process = subprocess.Popen(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    first = os.path.join(folder, "runs", "resnet18", "sgd", "seed0", "config.json")
+    deadline = time.time() + 600
+    while not os.path.exists(first) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read()[-2000:]
+    process.send_signal(signal.SIGTERM)  # the command only, not its process group
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out[-2000:]
+    assert "interrupted: stopped 1 running job(s); the same command resumes them" in out, out[-2000:]
+    deadline = time.time() + 60  # submitit sends the job SIGINT, then SIGKILL one second later
+    while time.time() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # anything left of the command's session?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError("a job of the terminated study was still running a minute later")
+
+
 @pytest.mark.xdist_group("finished_study")
 def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished_study, tmp_path):
     reference_folder, _, _ = finished_study
