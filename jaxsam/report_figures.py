@@ -1,4 +1,4 @@
-"""The study report's figures, from the collected rows of `jaxsam.study` (drawn by `jaxsam.plots`).
+"""The study report's figures, from the collected rows of `jaxsam.study` (drawn by `jaxsam.plot_panels`).
 
 Test accuracy and each tracked measure over epochs (one panel per network x
 optimizer, base vs SAM), each measure against the generalization gap with its
@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxsam import plots
+from jaxsam import plot_panels
 from jaxsam import study as lib
 from jaxsam.report import _groups, _label, _model_label, _models, kendall_taus
 
@@ -67,7 +67,7 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
         if any(p for row in panels for p in row):
             name = "test_accuracy" if key == "test_accuracy" else key.replace("track_", "tracked_")
             seeds = "mean ± std over seeds" if int(study.seeds) > 1 else "one seed"
-            save(name, lambda path, panels=panels, ylabel=ylabel: plots.plot_band_panels(
+            save(name, lambda path, panels=panels, ylabel=ylabel: plot_panels.plot_band_panels(
                 panels, path, title=f"{ylabel[0].upper() + ylabel[1:]} after each epoch ({seeds})",
                 xlabel="epoch", ylabel=ylabel))  # fmt: skip
 
@@ -92,7 +92,7 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
         legend = [{"label": _label(arm), "colour": colours[arm], "marker": "D", "filled": lib.ARMS[arm].base is None}
                   for arm in arms_in_rows if any(a == arm for _, a in present)]  # fmt: skip
         legend += [{"label": _model_label(m), "colour": "0.3", "marker": MARKERS.get(m, "^")} for m in models]
-        save("sharpness_vs_gap", lambda path: plots.plot_scatter_panels(
+        save("sharpness_vs_gap", lambda path: plot_panels.plot_scatter_panels(
             panels, path, title="Sharpness of each final minimum against its generalization gap (one point per run)",
             ylabel="generalization gap (train − test accuracy, pp)", legend=legend))  # fmt: skip
 
@@ -114,7 +114,7 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
                 row.append(None)
         panels.append(row)
     if any(p for row in panels for p in row):
-        save("interpolation", lambda path: plots.plot_curve_panels(
+        save("interpolation", lambda path: plot_panels.plot_curve_panels(
             panels, path, title="Training loss on the straight line from the base minimum to the SAM minimum",
             xlabel="t"))  # fmt: skip
 
@@ -124,7 +124,7 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
         panels = [[(_label(a), first[a]["surface_2d"]) if a in first and "surface_2d" in first[a] else None
                    for a in arms] for _, arms in groups]  # fmt: skip
         if any(p for row in panels for p in row):
-            save(f"surface_{model}", lambda path, panels=panels, model=model: plots.plot_surface_panels(
+            save(f"surface_{model}", lambda path, panels=panels, model=model: plot_panels.plot_surface_panels(
                 panels, path, title=f"{_model_label(model)}: training loss around each minimum "
                                     f"(random filter-normalized directions, seed {min(r['seed'] for r in first.values())})"))  # fmt: skip
         panels = [[(f"{_model_label(model)}, {_label(base)}",
@@ -136,6 +136,6 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
             flat = [p for row in panels for p in row]
             ncols = 2
             grid = [flat[i : i + ncols] for i in range(0, len(flat), ncols)]
-            save(f"density_{model}", lambda path, grid=grid, model=model: plots.plot_density_panels(
+            save(f"density_{model}", lambda path, grid=grid, model=model: plot_panels.plot_density_panels(
                 grid, path, title=f"{_model_label(model)}: Hessian spectral density (stochastic Lanczos quadrature)"))  # fmt: skip
     return made
