@@ -194,6 +194,32 @@ def _paired_table(pairs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+GLANCE = ("test_accuracy", "gap", "worst_case", "average_case", "lambda_max")
+
+
+def _glance_table(pairs: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """One row per (network, SAM arm vs base): the paired mean SAM − base of the headline quantities with
+    their 95 % intervals, bold where the interval excludes 0."""
+    heads = {"test_accuracy": "test accuracy (pp)", "gap": "generalization gap (pp)"}
+    lines = ["| network | SAM − base | seeds | " + " | ".join(heads.get(k) or _measure_label(k) for k in GLANCE) + " |",
+             "|---|---|---|" + "---|" * len(GLANCE)]  # fmt: skip
+    for model, comparisons in pairs.items():
+        for name, cells in comparisons.items():
+            base, sam = name.split("->")
+            row = []
+            for key in GLANCE:
+                d = cells.get(key)
+                if d is None:
+                    row.append("—")
+                    continue
+                mean, low, high = _numbers(d, key)
+                text = f"{mean} [{low}, {high}]" if d["n"] >= 2 else f"{mean} (one seed)"
+                row.append(f"**{text}**" if d["verdict"] in (HIGHER, LOWER) else text)
+            n = max(d["n"] for d in cells.values())
+            lines.append(f"| {_model_label(model)} | {_label(sam)} − {_label(base)} | {n} | " + " | ".join(row) + " |")
+    return lines
+
+
 def _pair_findings(agg, model: str, base: str, sam: str, cells: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """Sentences comparing one SAM arm with its base on one model, from the paired intervals; {measure: verdict}."""
     a, b = agg[model][base], agg[model][sam]
@@ -330,6 +356,11 @@ def markdown(study, command: str, rows, summary, figures: dict[str, str], planne
         *_setting(study, rows),
         "",
     ]
+    if any(pairs.values()):
+        out += ["## At a glance", "",
+                "SAM − base over runs of the same seed: mean and Student-t 95 % interval; **bold** where the "
+                "interval excludes 0 (per-quantity tables, figures and findings below).", "",
+                *_glance_table(pairs), ""]  # fmt: skip
     for model in models:
         if model not in agg:
             continue

@@ -117,6 +117,21 @@ def test_figure_measures_run_on_the_first_seed_only_and_bases_interpolate_to_the
     assert study_lib.interpolation_partner(specs, partner) is None
 
 
+def test_the_glance_table_gives_each_pair_its_intervals_bold_where_they_exclude_zero():
+    from jaxsam import report
+
+    def cell(mean, low, high, verdict):
+        return dict(mean=mean, ci_low=low, ci_high=high, n=3, positive=int(mean > 0) * 3, negative=int(mean < 0) * 3,
+                    verdict=verdict, level=0.95)  # fmt: skip
+
+    pairs = {"vgg16": {"adam->adam_sam": {"test_accuracy": cell(0.5, -1.0, 2.0, "no difference detected"),
+                                          "worst_case": cell(-0.2, -0.3, -0.1, "lower")}}}  # fmt: skip
+    lines = report._glance_table(pairs)
+    assert lines[0] == ("| network | SAM − base | seeds | test accuracy (pp) | generalization gap (pp) | "
+                        "worst-case sharpness | average-case sharpness | λmax |")
+    assert lines[2] == "| VGG16 | Adam + SAM − Adam | 3 | +0.50 [−1.00, 2.00] | — | **−0.20 [−0.30, −0.10]** | — | — |"
+
+
 def test_measures_saved_before_the_eigen_solver_options_count_as_lanczos_measures(tmp_path):
     """A geometry.json without eigen_method (the committed :fit grid's) is measured under options choosing
     Lanczos with the same steps, whatever the restarted solver's unread options say, and not otherwise."""
@@ -211,6 +226,7 @@ def test_study_trains_measures_and_reports_every_arm(finished_study):
     assert paired["mean"] == delta and paired["n"] == 1 and paired["verdict"] == "no difference detected"
     signed = ("+" if delta > 0 else "") + f"{delta:.2f}".replace("-", "−")
     assert f"no difference detected ({signed} pp from one seed, so no interval)" in report
+    assert f"| ResNet18 | SGD + SAM − SGD | 1 | {signed} (one seed) |" in report  # the At a glance table
 
 
 @pytest.mark.xdist_group("finished_study")
