@@ -219,9 +219,11 @@ def check_copied_runs(study: ml_collections.ConfigDict, study_dir: str, specs: S
         if finished and not study_lib.is_trained(workdir, config) and not study_lib._measured(
             spec, specs, study, {s: os.path.join(study_dir, s.path) for s in specs}
         ):
+            differs = study_lib.measured_differently(workdir, study_lib.measure_options(study, spec))
             raise ValueError(
                 f"{workdir} has finished training but no final checkpoint, and its geometry is not measured with "
-                f"this study's options: copy its checkpoints/ too, or remove the folder to train it again"
+                f"this study's options{f' ({differs})' if differs else ''}: copy its checkpoints/ too, measure "
+                f"with the options it was made with, or remove the folder to train it again"
             )
 
 

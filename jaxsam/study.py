@@ -89,6 +89,23 @@ def _geometry(workdir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def measured_differently(workdir: str, options: ml_collections.ConfigDict) -> str:
+    """How the run's saved geometry.json differs from `options` ("eigen_method: 'lanczos' -> 'restarted', ..."),
+    "" when it does not (or there is none): for error messages."""
+    from jaxsam.measure import same_options
+
+    saved = (_geometry(workdir) or {}).get("options")
+    current = options.to_dict()
+    if saved is None or same_options(saved, current):
+        return ""
+    def without(k):  # saved with one option as `options` has it
+        return {**saved, k: current[k]} if k in current else {key: v for key, v in saved.items() if key != k}
+
+    keys = [k for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k) and not same_options(without(k), saved)]  # fmt: skip
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys[:4]) or "options differ"
+
+
 def is_measured(workdir: str, options: ml_collections.ConfigDict, compare_to: str | None) -> bool:
     """True when geometry.json was made with these options (and interpolation partner)."""
     from jaxsam.measure import same_options

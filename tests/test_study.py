@@ -347,7 +347,8 @@ def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_cod
     assert body(folder) == body(source)
     before = {name: open(os.path.join(folder, name)).read() for name in ("study.json", "report.md")}
     with pytest.raises(ValueError, match=r"has finished training but no final checkpoint, and its geometry is not "
-                                         r"measured with this study's options: copy its checkpoints/ too"):
+                                         r"measured with this study's options \(ascent_steps: 2 -> 3\): copy its "
+                                         r"checkpoints/ too, measure with the options it was made with"):
         study_lib.run_study(study_config("smoke", **{**TINY, "measure.ascent_steps": 3}), folder, log=lines.append)
     assert {name: open(os.path.join(folder, name)).read() for name in before} == before
     # pair_epochs may change between starts, but a pair's runs made with other epochs are refused, not extended.
