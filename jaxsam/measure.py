@@ -57,7 +57,10 @@ _SIZED_OPTIONS = {
     # Converged measures on 1,024 training images (each run's record says whether they converged).
     # lambda_max and preconditioned by 30 Lanczos steps, as the committed :fit grid was measured (before
     # the restarted solver; every run's residuals are recorded and checked against 1e-4 in its report).
-    "fit": dict(splits="train", n_examples=1024, batch_size=256, ascent_steps=20, samples=32, lanczos_iters=30,
+    # Worst-case ascents of 100 steps, APGD's own budget (Croce & Hein 2020): at 20 steps the first
+    # :fit grid's ascents levelled off (<= 0.1% gain over their last quarter) in 10 of 22 runs (L2) and
+    # 11 of 22 (adaptive), still gaining up to 13% (VGG16 Adam), so they under-stated the sharpest minima.
+    "fit": dict(splits="train", n_examples=1024, batch_size=256, ascent_steps=100, samples=32, lanczos_iters=30,
                 eigen_method="lanczos", trace_probes=10, density_order=30, density_probes=1, interpolation_points=13,
                 slice_points=21, surface_points=9),
     "smoke": dict(splits="train", n_examples=64, batch_size=32, ascent_steps=3, samples=4, top_k=1, lanczos_iters=5,
