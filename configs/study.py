@@ -75,7 +75,7 @@ def get_config(size=None):
         c.run.track.n_examples = 256
         c.run.track.lanczos_iters = 10
         c.run.track.ascent_steps = 5
-        # measure: measure_options("fit"), 1,024 training images.
+        # measure: measure_options("fit"): 1,024 training images, 100 ascent steps, 30 Lanczos steps.
     elif size == "cpu":
         # 8 arms x 2 seeds on 2 CPU cores: 34.5 min training + 12.6 min measuring (summary.json
         # of docs/results/cpu). Half the :cpu training subset for four epochs (2/3 of the :cpu
