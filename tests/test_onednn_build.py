@@ -41,16 +41,10 @@ def test_without_onednn_the_build_says_which_install_to_run(monkeypatch, tmp_pat
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_auto_without_the_extension_gives_a_one_line_notice(monkeypatch):
-    from jaxsam.models import onednn_conv
-
-    monkeypatch.setattr(onednn_conv, "AVAILABLE", False)
-    monkeypatch.setattr(onednn_conv, "REASON", "the reason (the fix)")
-    assert conv_notice("auto") == "conv=auto runs XLA's convolutions: the reason (the fix)"
-    for impl in ("xla", "native", "onednn"):
+def test_only_the_experimental_onednn_convolution_gets_a_one_line_notice():
+    assert conv_notice("onednn").startswith("conv=onednn is experimental: on an AVX2 CPU its calls corrupted the heap")
+    for impl in ("auto", "xla", "native"):
         assert conv_notice(impl) == ""
-    monkeypatch.setattr(onednn_conv, "AVAILABLE", True)
-    assert conv_notice("auto") == ""
 
 
 @pytest.mark.skipif(not _onednn_installed(), reason='oneDNN or g++ is not installed (pip install -e ".[cpu-fast]")')

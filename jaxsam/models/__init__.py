@@ -44,13 +44,12 @@ def get_model(
       width: channel multiplier (> 0); 1.0 is the published network.
       dtype: compute dtype ("float32" or "bfloat16", or a jnp dtype);
         parameters stay float32.
-      conv: "auto": the fastest here: on the CPU backend with the oneDNN
-        extension (`pip install -e ".[cpu-fast]"`, `jaxsam.models.onednn_conv`)
-        oneDNN through the XLA FFI where it measured faster, else "xla".
-        "xla": convolutions arranged for XLA:CPU (`jaxsam.models.cpu_conv`:
-        matrix products on 2x2 maps and for 1x1 kernels, batch chunks
-        elsewhere). "onednn": "auto" with the extension required. "native":
-        XLA's own convolution. On GPU/TPU all four are XLA's convolution.
+      conv: "auto" (= "xla"): convolutions arranged for XLA:CPU
+        (`jaxsam.models.cpu_conv`: matrix products on 2x2 maps and for 1x1
+        kernels, batch chunks elsewhere). "onednn" (experimental: on an AVX2
+        CPU its calls corrupted the heap, docs/DESIGN.md): oneDNN through the
+        XLA FFI (`pip install -e ".[cpu-fast]"`, `jaxsam.models.onednn_conv`).
+        "native": XLA's own convolution. On GPU/TPU all four are XLA's convolution.
 
     Returns:
       The Flax module.

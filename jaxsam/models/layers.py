@@ -31,43 +31,43 @@ def scaled_width(channels: int, width: float) -> int:
 CONV_IMPLS = ("auto", "xla", "native", "onednn")
 
 
-def conv_notice(impl: str) -> str:
-    """One line for a run whose `model.conv` could be faster here, else "".
+ONEDNN_WARNING = ("conv=onednn is experimental: on an AVX2 CPU its calls corrupted the heap (docs/DESIGN.md, "
+                  "'oneDNN off by default'); conv=auto runs XLA's convolutions")  # fmt: skip
 
-    "auto" on the CPU backend without the oneDNN extension says how to get it.
+
+def conv_notice(impl: str) -> str:
+    """One line for a run whose `model.conv` needs a word here, else "".
+
+    "onednn" on the CPU backend says that the oneDNN extension is experimental.
     """
     import jax
 
-    if impl != "auto" or jax.default_backend() != "cpu":
-        return ""
-    from jaxsam.models import onednn_conv
-
-    return "" if onednn_conv.AVAILABLE else f"conv=auto runs XLA's convolutions: {onednn_conv.REASON}"
+    return ONEDNN_WARNING if impl == "onednn" and jax.default_backend() == "cpu" else ""
 
 
 def conv(features: int, kernel: int, *, strides: int = 1, use_bias: bool, dtype: Any, impl: str = "auto") -> nn.Conv:
     """A kxk convolution with PyTorch's symmetric padding (k // 2 on each side).
 
-    `impl="auto"` is the fastest measured here: with the oneDNN extension
-    (the `cpu-fast` extra) `onednn_conv.layer_conv_general_dilated`, oneDNN
-    through the XLA FFI on the CPU backend except where matrix products were
-    faster; without it "xla". "xla": `cpu_conv.conv_general_dilated` (on the
-    CPU backend: matrix products on maps of 2x2 or smaller and for 1x1
-    kernels, XLA's convolution on chunks of 32 images for large activations).
-    "onednn": "auto" with the extension required (ValueError without).
+    `impl="auto"` is "xla": `cpu_conv.conv_general_dilated` (on the CPU
+    backend: matrix products on maps of 2x2 or smaller and for 1x1 kernels,
+    XLA's convolution on chunks of 32 images for large activations).
+    "onednn" (experimental, the `cpu-fast` extra; ValueError without it):
+    `onednn_conv.layer_conv_general_dilated`, oneDNN through the XLA FFI
+    except where matrix products were faster. It is not the default: on an
+    AVX2 CPU its calls corrupted the heap (docs/DESIGN.md).
     "native": XLA's own convolution, unchunked. All are exactly XLA's
     convolution on GPU/TPU, and all have the same parameters.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown convolution impl {impl!r}: use one of {', '.join(CONV_IMPLS)}")
     custom = None
-    if impl in ("auto", "onednn"):
+    if impl == "onednn":
         from jaxsam.models import onednn_conv  # builds or loads the extension once, if the extra is installed
 
-        if impl == "onednn" and not onednn_conv.AVAILABLE:
+        if not onednn_conv.AVAILABLE:
             raise ValueError(f"conv='onednn' needs the oneDNN extension: {onednn_conv.REASON}; or use conv='auto'")
-        custom = onednn_conv.layer_conv_general_dilated if onednn_conv.AVAILABLE else cpu_conv.conv_general_dilated
-    elif impl == "xla":
+        custom = onednn_conv.layer_conv_general_dilated
+    elif impl in ("auto", "xla"):
         custom = cpu_conv.conv_general_dilated
     pad = kernel // 2
     return nn.Conv(
