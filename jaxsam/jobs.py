@@ -4,9 +4,14 @@ A job is one (model, seed) of the grid: a base arm together with the SAM arms
 paired with it (sgd with sgd_sam, adam with adam_sam, ...), so the job that
 measures the base minimum has its SAM partner's checkpoint for the
 base -> SAM interpolation; an arm without a partner is a job of its own.
-`run_job` trains and measures what its job has not finished; `run_study`
-hands the unfinished jobs to an executor, logs each finished step, and
-writes the report.
+With `split_pairs` every run is a job of its own, so a pair's trainings run
+at once (on two cores, two GPUs or two SLURM jobs) and no job is longer than
+its longest run; the base is then measured by whichever of its pair's jobs
+finishes training last. `longest_first` starts the longest jobs first (by
+epochs, a SAM run counting twice), which shortens the whole grid when jobs
+run side by side. `run_job` trains and measures what its job has not
+finished; `run_study` hands the unfinished jobs to an executor, logs each
+finished step, and writes the report.
 
     inline   every job in this process, one after the other (the tests, a debugger)
     local    submitit's LocalExecutor: each job in its own process, `parallel` at a time
@@ -68,8 +73,13 @@ class SlurmOptions:
     array_parallelism: int = 64
 
 
-def group_jobs(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, ...]]:
-    """The plan's runs as jobs: each base arm with the SAM arms paired with it (same model and seed)."""
+def group_jobs(specs: Sequence[RunSpec], *, split_pairs: bool = False) -> list[tuple[RunSpec, ...]]:
+    """The plan's runs as jobs: each base arm with the SAM arms paired with it (same model and seed).
+
+    With `split_pairs`, one job per run (in plan order).
+    """
+    if split_pairs:
+        return [(spec,) for spec in specs]
     jobs, placed = [], set()
     for spec in specs:
         if spec in placed:
@@ -80,6 +90,17 @@ def group_jobs(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, ...]]:
         placed.update(job)
         jobs.append(job)
     return jobs
+
+
+def job_cost(study: ml_collections.ConfigDict, job: Sequence[RunSpec]) -> int:
+    """A job's length in epoch-equivalents, for ordering: its runs' epochs, a SAM run's counting twice."""
+    return sum(study_lib.run_config(study, s).train.num_epochs * (2 if study_lib.ARMS[s.arm].base else 1)
+               for s in job)  # fmt: skip
+
+
+def longest_first(study: ml_collections.ConfigDict, jobs: Sequence[tuple[RunSpec, ...]]) -> list:
+    """`jobs` by `job_cost`, longest first; ties keep their order (the plan's: seed by seed)."""
+    return sorted(jobs, key=lambda job: -job_cost(study, job))
 
 
 def code_version() -> dict[str, Any]:
@@ -123,16 +144,10 @@ def _record(workdir: str, key: str, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def _job_lock(study_dir: str, job: Sequence[RunSpec], log: Callable[[str], None]) -> Iterator[None]:
-    """Holds the job's lock file, so a job still running from an earlier (killed) start is waited for."""
-    folder = os.path.join(study_dir, "jobs")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, job[0].path.replace(os.sep, "_") + ".lock"), "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process still working on {job[0].name}")
-            fcntl.flock(f, fcntl.LOCK_EX)
+def _lock(study_dir: str, name: str) -> Iterator[None]:
+    """Holds the lock `name` of the study (waiting for it), e.g. a run still training from an earlier start."""
+    with open(os.path.join(study_dir, "jobs", name.replace(os.sep, "_") + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -165,19 +180,26 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
 
     workdir = {s: os.path.join(study_dir, s.path) for s in specs}
     config = {s: study_lib.run_config(study, s) for s in specs}
-    with _job_lock(study_dir, job, lambda line: None):
-        for spec in job:
+    # The job's runs, then the bases it completes: a base whose SAM partner trains in this job (split pairs).
+    to_measure = job + [b for b in specs if b not in job and study_lib.interpolation_partner(specs, b) in job]
+    os.makedirs(os.path.join(study_dir, "jobs"), exist_ok=True)
+    for spec in job:
+        # The run's lock (the file an older pair job held for its base): an earlier start still training it is
+        # waited for; its measurement has a lock of its own, which the job of its SAM partner may hold.
+        with _lock(study_dir, spec.path):
             if not study_lib.training_finished(workdir[spec], config[spec]):
                 start = time.time()
                 record = train_and_evaluate(config[spec], workdir[spec])
                 seconds = time.time() - start
                 _record(workdir[spec], "train_seconds", seconds)
                 step(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
-            for ready in job:
-                partner = study_lib.interpolation_partner(specs, ready)
-                if (study_lib._measured(ready, specs, study, workdir) or not study_lib.is_trained(workdir[ready], config[ready])
+        for ready in to_measure:
+            partner = study_lib.interpolation_partner(specs, ready)
+            with _lock(study_dir, ready.path + ".measure"):
+                if (study_lib._measured(ready, specs, study, workdir)
+                        or not study_lib.is_trained(workdir[ready], config[ready])
                         or (partner is not None and not study_lib.is_trained(workdir[partner], config[partner]))):
-                    continue  # done, or its (partner's) training is still to come  # fmt: skip
+                    continue  # done (perhaps by another job), or its (partner's) training is still to come  # fmt: skip
                 start = time.time()
                 results = measure_run(
                     workdir[ready], study_lib.measure_options(study, ready), progress=False, log=lambda line: None,
@@ -269,6 +291,8 @@ def run_study(
     executor: str = "inline",
     parallel: int = 1,
     slurm: SlurmOptions | None = None,
+    split_pairs: bool = False,
+    longest_first_order: bool = False,
 ) -> dict[str, Any]:
     """Trains and measures every run of the study that is not done yet, then writes the report.
 
@@ -280,6 +304,8 @@ def run_study(
       executor: "inline", "local" or "slurm" (see the module docstring).
       parallel: "local": jobs running at once.
       slurm: "slurm": the resources of each job.
+      split_pairs: one job per run instead of one per base arm and its SAM arms.
+      longest_first_order: start the longest jobs first (`job_cost`) instead of the plan's order.
 
     Returns:
       The summary written to summary.json.
@@ -311,7 +337,10 @@ def run_study(
         eta = f", about {study_lib._minutes(left * np.mean(spent) / max(1, int(parallel)))} to go" if left else ""
         log(f"[{done}/{steps}] {what} ({study_lib._minutes(seconds)}){eta}")
 
-    unfinished = [job for job in group_jobs(specs) if not all(is_done(study, specs, workdirs, s) for s in job)]
+    unfinished = [job for job in group_jobs(specs, split_pairs=split_pairs)
+                  if not all(is_done(study, specs, workdirs, s) for s in job)]  # fmt: skip
+    if longest_first_order:
+        unfinished = longest_first(study, unfinished)
     if executor == "inline":
         for job in unfinished:
             run_job(study_dir, [s.path for s in job], on_step=report_progress)

@@ -10,6 +10,8 @@ Jobs (a base arm with its SAM arms, one seed) run through submitit:
     --executor=local [--parallel=2]      each job in its own process on this machine (default)
     --executor=slurm --slurm_partition=gpu --slurm_time=240 --slurm_gpus=1 [--slurm_cpus=8 --slurm_mem_gb=64]
     --executor=inline                    in this process, one job after the other
+    --split_pairs                        one job per run instead (a base and its SAM arm train at once)
+    --longest_first                      the longest jobs first (shortest grid when jobs run side by side)
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "remake report.md, summar
 _EXPORT = flags.DEFINE_string("export", None, "afterwards copy the report and every run's small files (no checkpoints) here")
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "slurm", "inline"], "where the jobs run (submitit)")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "local executor: jobs running at once")
+_SPLIT_PAIRS = flags.DEFINE_bool("split_pairs", False, "one job per run: a base and its SAM arms train at once "
+                                  "(the base is measured by the last of them to finish)")
+_LONGEST_FIRST = flags.DEFINE_bool("longest_first", False, "start the longest jobs first (epochs, a SAM run counting "
+                                   "twice) instead of seed by seed")
 _SLURM_PARTITION = flags.DEFINE_string("slurm_partition", "", "SLURM partition ('' for the default)")
 _SLURM_TIME = flags.DEFINE_integer("slurm_time", 240, "SLURM time limit of one job, minutes")
 _SLURM_GPUS = flags.DEFINE_integer("slurm_gpus", 1, "GPUs per SLURM job")
@@ -68,7 +74,8 @@ def main(argv):
         # SIGTERM (kill, a scheduler's stop) interrupts like Ctrl-C, so the local jobs are stopped with the command.
         signal.signal(signal.SIGTERM, _interrupt)
         study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]),
-                        executor=_EXECUTOR.value, parallel=_PARALLEL.value, slurm=slurm)  # fmt: skip
+                        executor=_EXECUTOR.value, parallel=_PARALLEL.value, slurm=slurm,
+                        split_pairs=_SPLIT_PAIRS.value, longest_first_order=_LONGEST_FIRST.value)  # fmt: skip
         _export(jobs, workdir)
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -91,6 +91,16 @@ def test_the_fit_grid_adds_the_original_adam_setting_on_resnet18_and_jobs_pair_b
     assert [s.arm for s in grouped[4]] == ["original_adam", "original_adam_asam"]
     alone = jobs.group_jobs(study_lib.plan(study_config("smoke", arms="sgd_sam,adam")))
     assert [[s.arm for s in j] for j in alone] == [["sgd_sam"], ["adam"]]
+    # Split, every run is a job; longest first, the 150-epoch ASAM runs (cost 300) lead, then the 80-epoch VGG16
+    # SGD + SAM runs (160) and the ASAM runs' bases (150); ties keep the plan's order (seed by seed).
+    split = jobs.longest_first(study, jobs.group_jobs(specs, split_pairs=True))
+    assert len(split) == 30 and all(len(j) == 1 for j in split)
+    assert [(j[0].model, j[0].arm, j[0].seed, jobs.job_cost(study, j)) for j in split[:9]] == [
+        *[("resnet18", "original_adam_asam", seed, 300) for seed in range(3)],
+        *[("vgg16", "sgd_sam", seed, 160) for seed in range(3)],
+        *[("resnet18", "original_adam", seed, 150) for seed in range(3)]]
+    assert [jobs.job_cost(study, j) for j in split] == sorted((jobs.job_cost(study, j) for j in split), reverse=True)
+    assert jobs.job_cost(study, grouped[4]) == 450 and jobs.job_cost(study, grouped[0]) == 120
 
 
 def test_each_arm_gets_its_optimizer_and_the_study_overrides_apply_to_all():
@@ -314,6 +324,24 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     reference = json.load(open(os.path.join(reference_folder, "summary.json")))["runs"]
     resumed = json.load(open(os.path.join(folder, "summary.json")))["runs"]
     for a, b in zip(reference, resumed):
+        np.testing.assert_equal(a, b)
+
+
+@pytest.mark.xdist_group("finished_study")
+def test_split_pairs_make_each_run_a_job_and_the_last_to_train_measures_the_base(finished_study, tmp_path):
+    """One job per run (`split_pairs`): the base's job cannot measure it (its interpolation needs the SAM
+    partner's checkpoint), so the SAM arm's job, trained after it, measures both; the report is the pair jobs'."""
+    reference_folder, _, _ = finished_study
+    folder = str(tmp_path / "split")
+    lines = []
+    study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)",
+                        log=lines.append, split_pairs=True)  # fmt: skip
+    assert [line.split("] ")[1].split(":")[0] for line in lines[1:5]] == [
+        "trained resnet18 sgd seed 0", "trained resnet18 sgd_sam seed 0", "measured resnet18 sgd_sam seed 0",
+        "measured resnet18 sgd seed 0"]
+    assert open(os.path.join(folder, "report.md")).read() == open(os.path.join(reference_folder, "report.md")).read()
+    reference = json.load(open(os.path.join(reference_folder, "summary.json")))["runs"]
+    for a, b in zip(reference, json.load(open(os.path.join(folder, "summary.json")))["runs"]):
         np.testing.assert_equal(a, b)
 
 
