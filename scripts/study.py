@@ -64,6 +64,8 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("runs", "study" if size == "full" else f"study_{size}")
     try:
         if _REPORT_ONLY.value:
+            # The runs' provenance (code, host, seconds) into study.json, as a finished run_study leaves it.
+            jobs.gather_provenance(workdir, study.plan(study.read_study(workdir)[0]))
             summary = study.write_report(workdir)
             print(f"report: {summary['report']} ({summary['runs_done']}/{summary['runs_planned']} runs)")
             _export(jobs, workdir)

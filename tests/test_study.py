@@ -252,11 +252,20 @@ def test_rerun_does_nothing_and_report_only_is_byte_identical(finished_study):
     assert lines[0].endswith("4/4 steps (trainings + measurements) already done") and len(lines) == 2
     assert os.stat(metrics).st_mtime_ns == stamp
     os.remove(os.path.join(folder, "report.md"))
+    saved = os.path.join(folder, "study.json")
+    with open(saved) as f:
+        recorded = json.load(f)
+    provenance = recorded.pop("runs")  # as a study copied together from several machines' runs would lack it
+    assert sorted(provenance) == ["runs/resnet18/sgd/seed0", "runs/resnet18/sgd_sam/seed0"]
+    with open(saved, "w") as f:
+        json.dump(recorded, f)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--report_only",
                           "--workdir", folder], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     with open(os.path.join(folder, "report.md"), "rb") as f:
         assert f.read() == before
+    with open(saved) as f:
+        assert json.load(f)["runs"] == provenance  # --report_only gathers the runs' provenance again
 
 
 def test_a_terminated_study_stops_its_local_jobs_with_it(tmp_path):
