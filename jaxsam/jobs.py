@@ -249,6 +249,28 @@ def check_copied_runs(study: ml_collections.ConfigDict, study_dir: str, specs: S
             )
 
 
+def check_export(study: ml_collections.ConfigDict, study_dir: str, dest: str, specs: Sequence[RunSpec]) -> None:
+    """Raises a one-line ValueError when exporting `study_dir` to `dest` would lose what `dest` holds.
+
+    `dest` may be new, or a folder of the same study (its grid aside) whose
+    finished runs `study_dir` has too: its report is replaced by the study's.
+    """
+    if not os.path.exists(os.path.join(dest, "study.json")):
+        return
+    saved, _ = study_lib.read_study(dest)
+    changed = study_lib.changed_settings(saved.to_dict(), study)
+    if changed:
+        raise ValueError(f"--export folder {dest} holds a study with other {', '.join(changed)} settings: "
+                         f"export to a new folder")  # fmt: skip
+    ours = {s: os.path.join(study_dir, s.path) for s in specs}
+    theirs = {s: os.path.join(dest, s.path) for s in specs}
+    missing = [s.name for s in specs if is_done(study, specs, theirs, s) and not is_done(study, specs, ours, s)]
+    if missing:
+        raise ValueError(f"--export folder {dest} holds {len(missing)} finished run(s) that {study_dir} lacks "
+                         f"({missing[0]}{', ...' if len(missing) > 1 else ''}): copy them in first "
+                         f"(cp -r {os.path.join(dest, 'runs')} {study_dir}/), or export to a new folder")  # fmt: skip
+
+
 def gather_provenance(study_dir: str, specs: Sequence[RunSpec]) -> None:
     """Copies each run's provenance.json into study.json under "runs" (the code version of every run)."""
     path = os.path.join(study_dir, "study.json")
@@ -293,6 +315,7 @@ def run_study(
     slurm: SlurmOptions | None = None,
     split_pairs: bool = False,
     longest_first_order: bool = False,
+    export: str | None = None,
 ) -> dict[str, Any]:
     """Trains and measures every run of the study that is not done yet, then writes the report.
 
@@ -306,6 +329,8 @@ def run_study(
       slurm: "slurm": the resources of each job.
       split_pairs: one job per run instead of one per base arm and its SAM arms.
       longest_first_order: start the longest jobs first (`job_cost`) instead of the plan's order.
+      export: a folder that, after each job and at the end, gets the report and every finished run's small
+        files (`export_small_files`), so a study stopped midway has its finished runs there.
 
     Returns:
       The summary written to summary.json.
@@ -316,6 +341,8 @@ def run_study(
         raise ValueError(f"parallel must be >= 1 (got {parallel})")
     specs = study_lib.plan(study)
     check_copied_runs(study, study_dir, specs)
+    if export:
+        check_export(study, study_dir, export, specs)
     os.makedirs(study_dir, exist_ok=True)
     study_lib._check_or_write_study(study, study_dir, command or shlex.join(["python", *sys.argv]))
     workdirs = {s: os.path.join(study_dir, s.path) for s in specs}
@@ -337,24 +364,35 @@ def run_study(
         eta = f", about {study_lib._minutes(left * np.mean(spent) / max(1, int(parallel)))} to go" if left else ""
         log(f"[{done}/{steps}] {what} ({study_lib._minutes(seconds)}){eta}")
 
+    def report() -> dict[str, Any]:  # study.json's provenance, the report, and the export
+        gather_provenance(study_dir, specs)
+        summary = study_lib.write_report(study_dir)
+        if export:
+            copied = export_small_files(study_dir, export)
+            log(f"exported {len(copied)} files to {export}")
+        return summary
+
+    on_job_done = report if export else None
     unfinished = [job for job in group_jobs(specs, split_pairs=split_pairs)
                   if not all(is_done(study, specs, workdirs, s) for s in job)]  # fmt: skip
     if longest_first_order:
         unfinished = longest_first(study, unfinished)
     if executor == "inline":
-        for job in unfinished:
+        for i, job in enumerate(unfinished):
             run_job(study_dir, [s.path for s in job], on_step=report_progress)
+            if on_job_done is not None and i < len(unfinished) - 1:
+                on_job_done()  # the last job's is the report below
     elif unfinished:
         _run_submitted(make_executor(executor, study_dir, parallel=parallel, slurm=slurm), unfinished, study_dir,
                        parallel=int(parallel) if executor == "local" else len(unfinished), log=log,
-                       on_step=report_progress, stop_on_exit=executor == "local")  # fmt: skip
-    gather_provenance(study_dir, specs)
-    summary = study_lib.write_report(study_dir)
+                       on_step=report_progress, stop_on_exit=executor == "local", on_job_done=on_job_done)  # fmt: skip
+    summary = report()
     log(study_lib._one_line_summary(summary, time.time() - study_start))
     return summary
 
 
-def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_step, stop_on_exit: bool) -> None:
+def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_step, stop_on_exit: bool,
+                   on_job_done: Callable[[], Any] | None = None) -> None:  # fmt: skip
     """Submits `jobs`, at most `parallel` running at once; logs their steps as each finishes.
 
     With `stop_on_exit` (local jobs), an interrupted wait (Ctrl-C, or SIGTERM
@@ -364,7 +402,8 @@ def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_ste
     """
     waiting, running, failed = list(jobs), [], []
     try:
-        _wait_for_jobs(executor, waiting, running, failed, study_dir, parallel=parallel, log=log, on_step=on_step)
+        _wait_for_jobs(executor, waiting, running, failed, study_dir, parallel=parallel, log=log, on_step=on_step,
+                       on_job_done=on_job_done)  # fmt: skip
     except BaseException:
         if stop_on_exit and running:
             for _, handle in running:
@@ -376,7 +415,7 @@ def _run_submitted(executor, jobs, study_dir: str, *, parallel: int, log, on_ste
 
 
 def _wait_for_jobs(executor, waiting: list, running: list, failed: list, study_dir: str, *, parallel: int, log,
-                   on_step) -> None:  # fmt: skip
+                   on_step, on_job_done=None) -> None:  # fmt: skip
     while waiting or running:
         while waiting and len(running) < parallel:
             job = waiting.pop(0)
@@ -393,6 +432,8 @@ def _wait_for_jobs(executor, waiting: list, running: list, failed: list, study_d
                 failed.append(f"{job[0].name} (job {handle.job_id}: {lines[-1] if lines else err}; "
                               f"log {handle.paths.stderr})")  # fmt: skip
                 log(f"failed: {failed[-1]}")
+            if on_job_done is not None and (waiting or running):
+                on_job_done()  # the last job's is run_study's own report and export
 
 
 SMALL_FILES = ("config.json", "metrics.jsonl", PROVENANCE, os.path.join("geometry", "geometry.json"))

@@ -131,23 +131,32 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved["study"] == current:
-            return
-        from jaxsam.measure import measure_options as measure_defaults
-        # pair_epochs is grid-like: a run trained with other epochs is refused by its own settings check.
-        grid = ("models", "arms", "extra_arms", "pair_epochs", "seeds", "figure_seeds", "figure_measures")
-        old, new = flatten(saved["study"]), flatten(study)
-        # A run or measure field the saved study predates counts as its default (older study folders resume).
-        size = old.get("run.size", "full")
-        defaults = {f"run.{k}": v for k, v in flatten(base_config(size)).items()}
-        defaults.update({f"measure.{k}": v for k, v in flatten(measure_defaults(size)).items()})
-        changed = sorted({k.split(".")[0] for k in changed_fields(old, new, defaults, grid)})
+        changed = changed_settings(saved["study"], study)
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "
                 f"(only the grid, models/arms/extra_arms/pair_epochs/seeds/figure_*, may change between starts)"
             )
+        if saved["study"] == current:
+            return
     files.write_json(path, {"study": current, "command": command})
+
+
+def changed_settings(saved: dict[str, Any], study: ml_collections.ConfigDict) -> list[str]:
+    """The top-level groups ("run", "measure", ...) whose settings differ between a saved study.json's "study"
+    and `study`, the grid (models, arms, seeds, ...) aside: [] when `study` may continue the saved one."""
+    from jaxsam.measure import measure_options as measure_defaults
+
+    if saved == json.loads(study.to_json_best_effort()):
+        return []
+    # pair_epochs is grid-like: a run trained with other epochs is refused by its own settings check.
+    grid = ("models", "arms", "extra_arms", "pair_epochs", "seeds", "figure_seeds", "figure_measures")
+    old, new = flatten(saved), flatten(study)
+    # A run or measure field the saved study predates counts as its default (older study folders resume).
+    size = old.get("run.size", "full")
+    defaults = {f"run.{k}": v for k, v in flatten(base_config(size)).items()}
+    defaults.update({f"measure.{k}": v for k, v in flatten(measure_defaults(size)).items()})
+    return sorted({k.split(".")[0] for k in changed_fields(old, new, defaults, grid)})
 
 
 def read_study(study_dir: str) -> tuple[ml_collections.ConfigDict, str]:

@@ -32,7 +32,8 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxsam/xla", "folder of JAX's persistent compilation cache ('' turns it off)"
 )
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "remake report.md, summary.json and figures from saved files")
-_EXPORT = flags.DEFINE_string("export", None, "afterwards copy the report and every run's small files (no checkpoints) here")
+_EXPORT = flags.DEFINE_string("export", None, "copy the report and every finished run's small files (no checkpoints) "
+                              "here, after each job and at the end")
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "slurm", "inline"], "where the jobs run (submitit)")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "local executor: jobs running at once")
 _SPLIT_PAIRS = flags.DEFINE_bool("split_pairs", False, "one job per run: a base and its SAM arms train at once "
@@ -65,7 +66,10 @@ def main(argv):
     try:
         if _REPORT_ONLY.value:
             # The runs' provenance (code, host, seconds) into study.json, as a finished run_study leaves it.
-            jobs.gather_provenance(workdir, study.plan(study.read_study(workdir)[0]))
+            saved = study.read_study(workdir)[0]
+            if _EXPORT.value:
+                jobs.check_export(saved, workdir, _EXPORT.value, study.plan(saved))
+            jobs.gather_provenance(workdir, study.plan(saved))
             summary = study.write_report(workdir)
             print(f"report: {summary['report']} ({summary['runs_done']}/{summary['runs_planned']} runs)")
             _export(jobs, workdir)
@@ -77,8 +81,8 @@ def main(argv):
         signal.signal(signal.SIGTERM, _interrupt)
         study.run_study(_CONFIG.value, workdir, command=shlex.join(["python", "scripts/study.py", *sys.argv[1:]]),
                         executor=_EXECUTOR.value, parallel=_PARALLEL.value, slurm=slurm,
-                        split_pairs=_SPLIT_PAIRS.value, longest_first_order=_LONGEST_FIRST.value)  # fmt: skip
-        _export(jobs, workdir)
+                        split_pairs=_SPLIT_PAIRS.value, longest_first_order=_LONGEST_FIRST.value,
+                        export=_EXPORT.value)  # fmt: skip
     except (ValueError, FileNotFoundError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

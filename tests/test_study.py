@@ -355,6 +355,48 @@ def test_split_pairs_make_each_run_a_job_and_the_last_to_train_measures_the_base
 
 
 @pytest.mark.xdist_group("finished_study")
+def test_export_gets_each_finished_run_as_its_job_ends_and_refuses_to_lose_what_it_holds(finished_study, tmp_path):
+    """`export`: after each job the finished runs' small files are in the export folder (a study stopped midway
+    has them there), at the end the report too; an export folder of other settings, or holding finished runs
+    the study folder lacks, is refused before anything is written."""
+    import shutil
+
+    from jaxsam import jobs
+
+    source, _, _ = finished_study
+    folder, dest = str(tmp_path / "study"), str(tmp_path / "export")
+    shutil.copytree(source, folder)
+    for arm in ("sgd", "sgd_sam"):  # trained, to be measured again: one job each (split pairs)
+        os.remove(os.path.join(folder, "runs", "resnet18", arm, "seed0", "geometry", "geometry.json"))
+    runs = {arm: os.path.join(dest, "runs", "resnet18", arm, "seed0", "geometry", "geometry.json")
+            for arm in ("sgd", "sgd_sam")}  # fmt: skip
+    seen = []
+
+    def log(line):
+        if line.startswith("exported "):
+            seen.append({arm: os.path.exists(path) for arm, path in runs.items()})
+
+    study_lib.run_study(study_config("smoke", **TINY), folder, command="python scripts/study.py (test)", log=log,
+                        split_pairs=True, export=dest)  # fmt: skip
+    assert seen == [{"sgd": True, "sgd_sam": False}, {"sgd": True, "sgd_sam": True}]
+    def body(path):
+        return open(os.path.join(path, "report.md")).read().split("\n", 3)[3]
+
+    assert body(dest) == body(source)
+    assert not os.path.exists(os.path.join(dest, "runs", "resnet18", "sgd", "seed0", "checkpoints"))
+    # A new study folder exporting to it would replace its report by one without its two runs.
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(ValueError, match=r"^--export folder .*export holds 2 finished run\(s\) that .*fresh lacks "
+                                         r"\(resnet18 sgd seed 0, \.\.\.\): copy them in first \(cp -r "):
+        study_lib.run_study(study_config("smoke", **TINY), fresh, log=log, export=dest)
+    with pytest.raises(ValueError, match=r"^--export folder .* holds a study with other measure settings"):
+        study_lib.run_study(study_config("smoke", **{**TINY, "measure.n_examples": 16}), fresh, log=log,
+                            export=dest)  # fmt: skip
+    assert not os.path.exists(fresh)
+    assert jobs.export_small_files(folder, dest)  # the same study: exporting again is fine
+
+
+@pytest.mark.xdist_group("finished_study")
 def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_code_version(finished_study, tmp_path):
     """A study folder made of another machine's small files (no checkpoints) is done and reports the same;
     study.json names the commit each run was made with; a copied run whose measures are not the study's
