@@ -131,14 +131,14 @@ def _check_or_write_study(study: ml_collections.ConfigDict, study_dir: str, comm
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        if saved["study"] == current:
+            return
         changed = changed_settings(saved["study"], study)
         if changed:
             raise ValueError(
                 f"{study_dir} holds a study with other {', '.join(changed)} settings: use a new --workdir "
                 f"(only the grid, models/arms/extra_arms/pair_epochs/seeds/figure_*, may change between starts)"
             )
-        if saved["study"] == current:
-            return
     files.write_json(path, {"study": current, "command": command})
 
 

@@ -67,9 +67,10 @@ def main(argv):
         if _REPORT_ONLY.value:
             # The runs' provenance (code, host, seconds) into study.json, as a finished run_study leaves it.
             saved = study.read_study(workdir)[0]
+            specs = study.plan(saved)
             if _EXPORT.value:
-                jobs.check_export(saved, workdir, _EXPORT.value, study.plan(saved))
-            jobs.gather_provenance(workdir, study.plan(saved))
+                jobs.check_export(saved, workdir, _EXPORT.value, specs)
+            jobs.gather_provenance(workdir, specs)
             summary = study.write_report(workdir)
             print(f"report: {summary['report']} ({summary['runs_done']}/{summary['runs_planned']} runs)")
             _export(jobs, workdir)

@@ -393,7 +393,9 @@ def test_export_gets_each_finished_run_as_its_job_ends_and_refuses_to_lose_what_
         study_lib.run_study(study_config("smoke", **{**TINY, "measure.n_examples": 16}), fresh, log=log,
                             export=dest)  # fmt: skip
     assert not os.path.exists(fresh)
-    assert jobs.export_small_files(folder, dest)  # the same study: exporting again is fine
+    # The same study, holding every run the export has: exporting to it again passes the check.
+    same = study_config("smoke", **TINY)
+    assert jobs.check_export(same, folder, dest, study_lib.plan(same)) is None
 
 
 @pytest.mark.xdist_group("finished_study")
