@@ -7,7 +7,8 @@ base -> SAM interpolation; an arm without a partner is a job of its own.
 With `split_pairs` every run is a job of its own, so a pair's trainings run
 at once (on two cores, two GPUs or two SLURM jobs) and no job is longer than
 its longest run; the base is then measured by whichever of its pair's jobs
-finishes training last. `longest_first` starts the longest jobs first (by
+finishes training last (if both reach it, the one holding its measurement's
+lock; the other goes on without waiting for it). `longest_first` starts the longest jobs first (by
 epochs, a SAM run counting twice), which shortens the whole grid when jobs
 run side by side. `run_job` trains and measures what its job has not
 finished; `run_study` hands the unfinished jobs to an executor, logs each
@@ -144,12 +145,19 @@ def _record(workdir: str, key: str, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def _lock(study_dir: str, name: str) -> Iterator[None]:
-    """Holds the lock `name` of the study (waiting for it), e.g. a run still training from an earlier start."""
+def _lock(study_dir: str, name: str, *, wait: bool = True) -> Iterator[bool]:
+    """Holds the lock `name` of the study, e.g. a run still training from an earlier start.
+
+    Waits for it, or with `wait=False` yields False at once where another process holds it.
+    """
     with open(os.path.join(study_dir, "jobs", name.replace(os.sep, "_") + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -185,7 +193,7 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
     os.makedirs(os.path.join(study_dir, "jobs"), exist_ok=True)
     for spec in job:
         # The run's lock (the file an older pair job held for its base): an earlier start still training it is
-        # waited for; its measurement has a lock of its own, which the job of its SAM partner may hold.
+        # waited for.
         with _lock(study_dir, spec.path):
             if not study_lib.training_finished(workdir[spec], config[spec]):
                 start = time.time()
@@ -195,11 +203,15 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
                 step(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
         for ready in to_measure:
             partner = study_lib.interpolation_partner(specs, ready)
-            with _lock(study_dir, ready.path + ".measure"):
-                if (study_lib._measured(ready, specs, study, workdir)
-                        or not study_lib.is_trained(workdir[ready], config[ready])
-                        or (partner is not None and not study_lib.is_trained(workdir[partner], config[partner]))):
-                    continue  # done (perhaps by another job), or its (partner's) training is still to come  # fmt: skip
+            if (study_lib._measured(ready, specs, study, workdir)
+                    or not study_lib.is_trained(workdir[ready], config[ready])
+                    or (partner is not None and not study_lib.is_trained(workdir[partner], config[partner]))):
+                continue  # done (perhaps by another job), or its (partner's) training is still to come
+            # Its runs are trained, so whoever holds its measurement's lock measures it: a job that finds the
+            # lock held (the base's job and its SAM partner's both reach the base) leaves it and goes on.
+            with _lock(study_dir, ready.path + ".measure", wait=False) as held:
+                if not held or study_lib._measured(ready, specs, study, workdir):
+                    continue
                 start = time.time()
                 results = measure_run(
                     workdir[ready], study_lib.measure_options(study, ready), progress=False, log=lambda line: None,

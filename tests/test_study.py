@@ -355,6 +355,42 @@ def test_split_pairs_make_each_run_a_job_and_the_last_to_train_measures_the_base
 
 
 @pytest.mark.xdist_group("finished_study")
+def test_a_job_finding_a_measurement_locked_leaves_it_to_the_holder(finished_study, tmp_path):
+    """Where another process holds a run's measurement lock (its pair's other job measuring it), `run_job` does
+    not wait for it: it measures what it can and returns; the run is left to the holder."""
+    import fcntl
+    import shutil
+    import threading
+
+    from jaxsam import jobs
+
+    source, _, _ = finished_study
+    folder = str(tmp_path / "study")
+    shutil.copytree(source, folder)
+    base, sam = "runs/resnet18/sgd/seed0", "runs/resnet18/sgd_sam/seed0"
+    for path in (base, sam):  # both trained, neither measured
+        os.remove(os.path.join(folder, path, "geometry", "geometry.json"))
+    result = []
+    with open(os.path.join(folder, "jobs", base.replace(os.sep, "_") + ".measure.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # an open file of its own: flock locks it against this process too
+        job = threading.Thread(target=lambda: result.append(jobs.run_job(folder, [sam])), daemon=True)
+        job.start()
+        job.join(timeout=300)  # the SAM run's own measurement, then the base found locked
+        blocked = job.is_alive()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    job.join()
+    assert not blocked, "run_job waited for the lock held by another process"
+    assert [what.split(":")[0] for what, _ in result[0]] == ["measured resnet18 sgd_sam seed 0"]
+    assert not os.path.exists(os.path.join(folder, base, "geometry", "geometry.json"))
+    # Free, the base is measured by the next job that reaches it, as in the pair job.
+    steps = jobs.run_job(folder, [base])
+    assert [what.split(":")[0] for what, _ in steps] == ["measured resnet18 sgd seed 0"]
+    measured, reference = (json.load(open(os.path.join(root, base, "geometry", "geometry.json")))["splits"]["train"]
+                           for root in (folder, source))  # fmt: skip
+    assert measured["worst_case"]["value"] == reference["worst_case"]["value"]
+
+
+@pytest.mark.xdist_group("finished_study")
 def test_export_gets_each_finished_run_as_its_job_ends_and_refuses_to_lose_what_it_holds(finished_study, tmp_path):
     """`export`: after each job the finished runs' small files are in the export folder (a study stopped midway
     has them there), at the end the report too; an export folder of other settings, or holding finished runs
