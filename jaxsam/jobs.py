@@ -8,9 +8,9 @@ With `split_pairs` every run is a job of its own, so a pair's trainings run
 at once (on two cores, two GPUs or two SLURM jobs) and no job is longer than
 its longest run; the base is then measured by whichever of its pair's jobs
 finishes training last (if both reach it, the one holding its measurement's
-lock; the other goes on without waiting for it). `longest_first` starts the longest jobs first (by
-epochs, a SAM run counting twice), which shortens the whole grid when jobs
-run side by side. `run_job` trains and measures what its job has not
+lock; the other goes on without waiting for it). `longest_first` starts the
+longest jobs first (by epochs, a SAM run counting twice), which shortens the
+whole grid when jobs run side by side. `run_job` trains and measures what its job has not
 finished; `run_study` hands the unfinished jobs to an executor, logs each
 finished step, and writes the report.
 
