@@ -34,8 +34,6 @@ import fcntl
 import json
 import os
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -43,12 +41,12 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxsam import files
+from jaxsam import files, provenance
 from jaxsam import study as study_lib
+from jaxsam.provenance import PROVENANCE, read_provenance
 from jaxsam.study import RunSpec
 
 EXECUTORS = ("inline", "local", "slurm")
-PROVENANCE = "provenance.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,46 +102,6 @@ def longest_first(study: ml_collections.ConfigDict, jobs: Sequence[tuple[RunSpec
     return sorted(jobs, key=lambda job: -job_cost(study, job))
 
 
-def code_version() -> dict[str, Any]:
-    """The git commit of the jaxsam source in use and whether it had local changes ("unknown" outside git)."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()  # fmt: skip
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "."))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-
-
-def _provenance_path(workdir: str) -> str:
-    return os.path.join(workdir, PROVENANCE)
-
-
-def read_provenance(workdir: str) -> dict[str, Any]:
-    path = _provenance_path(workdir)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _record(workdir: str, key: str, seconds: float) -> None:
-    """Adds `seconds` to the run's `key` and stamps the code, host and devices that did the work."""
-    import jax
-
-    record = read_provenance(workdir)
-    record[key] = record.get(key, 0.0) + seconds
-    devices = jax.devices()
-    record[key.replace("_seconds", "")] = {
-        **code_version(), "host": socket.gethostname(), "jax": jax.__version__,
-        "devices": f"{len(devices)} x {devices[0].device_kind}",
-    }  # fmt: skip
-    files.write_json(_provenance_path(workdir), record)
-
-
 @contextlib.contextmanager
 def _lock(study_dir: str, name: str, *, wait: bool = True) -> Iterator[bool]:
     """Holds the lock `name` of the study, e.g. a run still training from an earlier start.
@@ -195,11 +153,14 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
         # The run's lock (the file an older pair job held for its base): an earlier start still training it is
         # waited for.
         with _lock(study_dir, spec.path):
+            provenance.count_interrupted_attempt(study_dir, spec.path)
             if not study_lib.training_finished(workdir[spec], config[spec]):
                 start = time.time()
+                provenance.begin_attempt(study_dir, spec.path, start)
                 record = train_and_evaluate(config[spec], workdir[spec])
                 seconds = time.time() - start
-                _record(workdir[spec], "train_seconds", seconds)
+                provenance.record(workdir[spec], "train_seconds", seconds)
+                provenance.end_attempt(study_dir, spec.path)
                 step(f"trained {spec.name}: test accuracy {100 * record['test_accuracy']:.2f}%", seconds)
         for ready in to_measure:
             partner = study_lib.interpolation_partner(specs, ready)
@@ -218,7 +179,7 @@ def run_job(study_dir: str, paths: Sequence[str], on_step: Callable[[str, float]
                     compare_to=workdir[partner] if partner else None,
                 )  # fmt: skip
                 seconds = time.time() - start
-                _record(workdir[ready], "measure_seconds", seconds)
+                provenance.record(workdir[ready], "measure_seconds", seconds)
                 step(f"measured {ready.name}: {study_lib._measure_headline(results)}", seconds)
     return steps
 

@@ -325,6 +325,11 @@ def test_a_killed_study_resumes_without_retraining_and_reports_the_same(finished
     assert lines[0].endswith("1/4 steps (trainings + measurements) already done"), lines
     assert not any("trained resnet18 sgd seed 0" in line for line in lines)
     assert os.stat(first_metrics).st_mtime_ns == stamp  # not trained again
+    # The killed attempt at the SAM arm is counted in its provenance; the base trained in one attempt.
+    provenance = [json.load(open(os.path.join(folder, "runs", "resnet18", arm, "seed0", "provenance.json")))
+                  for arm in ("sgd", "sgd_sam")]  # fmt: skip
+    assert "train_interrupted" not in provenance[0] and provenance[1]["train_interrupted"] == 1
+    assert not [name for name in os.listdir(os.path.join(folder, "jobs")) if name.endswith(".attempt")]
     # The same report as the uninterrupted study, but for the command line it names.
     def body(path):
         return open(os.path.join(path, "report.md")).read().split("\n", 3)[3]
@@ -390,6 +395,30 @@ def test_a_job_finding_a_measurement_locked_leaves_it_to_the_holder(finished_stu
     assert measured["worst_case"]["value"] == reference["worst_case"]["value"]
 
 
+def test_a_training_attempt_that_died_counts_up_to_its_last_metrics_line(tmp_path):
+    """`train_seconds` adds a killed attempt's seconds from its start to its last metrics.jsonl line, once; an
+    attempt that died before writing its run folder (a bad config) adds nothing and creates nothing."""
+    from jaxsam import files, provenance
+
+    study_dir, path = str(tmp_path), os.path.join("runs", "resnet18", "sgd", "seed0")
+    os.makedirs(os.path.join(study_dir, "jobs"))
+    os.makedirs(os.path.join(study_dir, path))
+    files.write_json(os.path.join(study_dir, path, "provenance.json"), {"train_seconds": 10.0})
+    metrics = os.path.join(study_dir, path, "metrics.jsonl")
+    open(metrics, "w").write('{"step": 20}\n')
+    start = 1.7e9
+    provenance.begin_attempt(study_dir, path, start)
+    os.utime(metrics, (start + 60.0, start + 60.0))  # its last line, a minute after it started
+    assert provenance.count_interrupted_attempt(study_dir, path) == 60.0
+    saved = provenance.read_provenance(os.path.join(study_dir, path))
+    assert saved == {"train_seconds": 70.0, "train_interrupted": 1}
+    assert provenance.count_interrupted_attempt(study_dir, path) == 0.0  # counted once
+    other = os.path.join("runs", "vgg16", "sgd", "seed0")
+    provenance.begin_attempt(study_dir, other, start)
+    assert provenance.count_interrupted_attempt(study_dir, other) == 0.0
+    assert not os.path.exists(os.path.join(study_dir, other)) and os.listdir(os.path.join(study_dir, "jobs")) == []
+
+
 @pytest.mark.xdist_group("finished_study")
 def test_export_gets_each_finished_run_as_its_job_ends_and_refuses_to_lose_what_it_holds(finished_study, tmp_path):
     """`export`: after each job the finished runs' small files are in the export folder (a study stopped midway
@@ -439,13 +468,13 @@ def test_runs_copied_without_checkpoints_merge_into_a_study_and_record_their_cod
     """A study folder made of another machine's small files (no checkpoints) is done and reports the same;
     study.json names the commit each run was made with; a copied run whose measures are not the study's
     cannot be finished without its checkpoint, and says so before anything is written."""
-    from jaxsam import jobs
+    from jaxsam import jobs, provenance
 
     source, _, _ = finished_study
     saved = json.load(open(os.path.join(source, "study.json")))
     assert set(saved["runs"]) == {os.path.join("runs", "resnet18", a, "seed0") for a in ("sgd", "sgd_sam")}
     for record in saved["runs"].values():
-        assert record["train"]["commit"] == jobs.code_version()["commit"] and record["train_seconds"] > 0
+        assert record["train"]["commit"] == provenance.code_version()["commit"] and record["train_seconds"] > 0
         assert record["measure"]["devices"].startswith("1 x ") and record["measure_seconds"] > 0
     folder = str(tmp_path / "merged")
     copied = jobs.export_small_files(source, folder)  # what scripts/study.py --export=DIR writes
