@@ -43,7 +43,6 @@ import numpy as np
 
 from jaxsam import files, provenance
 from jaxsam import study as study_lib
-from jaxsam.provenance import PROVENANCE, read_provenance
 from jaxsam.study import RunSpec
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -249,7 +248,7 @@ def gather_provenance(study_dir: str, specs: Sequence[RunSpec]) -> None:
     path = os.path.join(study_dir, "study.json")
     with open(path) as f:
         saved = json.load(f)
-    runs = {s.path: read_provenance(os.path.join(study_dir, s.path)) for s in specs}
+    runs = {s.path: provenance.read_provenance(os.path.join(study_dir, s.path)) for s in specs}
     saved["runs"] = {k: v for k, v in runs.items() if v}
     files.write_json(path, saved)
 
@@ -409,7 +408,7 @@ def _wait_for_jobs(executor, waiting: list, running: list, failed: list, study_d
                 on_job_done()  # the last job's is run_study's own report and export
 
 
-SMALL_FILES = ("config.json", "metrics.jsonl", PROVENANCE, os.path.join("geometry", "geometry.json"))
+SMALL_FILES = ("config.json", "metrics.jsonl", provenance.PROVENANCE, os.path.join("geometry", "geometry.json"))
 
 
 def export_small_files(study_dir: str, dest: str) -> list[str]:

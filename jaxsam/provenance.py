@@ -49,18 +49,22 @@ def read_provenance(workdir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def _add(workdir: str, increments: dict[str, float], **stamps: Any) -> None:
+    """Adds `increments` to the run's provenance.json entries (0 where absent) and sets `stamps`."""
+    saved = read_provenance(workdir)
+    saved.update({key: saved.get(key, 0) + value for key, value in increments.items()}, **stamps)
+    files.write_json(_path(workdir), saved)
+
+
 def record(workdir: str, key: str, seconds: float) -> None:
     """Adds `seconds` to the run's `key` ("train_seconds", "measure_seconds") and stamps the code, host and devices."""
     import jax
 
-    saved = read_provenance(workdir)
-    saved[key] = saved.get(key, 0.0) + seconds
     devices = jax.devices()
-    saved[key.replace("_seconds", "")] = {
+    _add(workdir, {key: seconds}, **{key.replace("_seconds", ""): {
         **code_version(), "host": socket.gethostname(), "jax": jax.__version__,
         "devices": f"{len(devices)} x {devices[0].device_kind}",
-    }  # fmt: skip
-    files.write_json(_path(workdir), saved)
+    }})  # fmt: skip
 
 
 def _attempt_path(study_dir: str, path: str) -> str:
@@ -100,9 +104,6 @@ def count_interrupted_attempt(study_dir: str, path: str) -> float:
     metrics = os.path.join(workdir, "metrics.jsonl")
     seconds = max(0.0, os.stat(metrics).st_mtime - start) if os.path.exists(metrics) else 0.0
     if os.path.isdir(workdir):
-        saved = read_provenance(workdir)
-        saved["train_seconds"] = saved.get("train_seconds", 0.0) + seconds
-        saved["train_interrupted"] = saved.get("train_interrupted", 0) + 1
-        files.write_json(_path(workdir), saved)
+        _add(workdir, {"train_seconds": seconds, "train_interrupted": 1})
     os.remove(marker)
     return seconds
