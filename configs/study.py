@@ -2,6 +2,7 @@
 
     python scripts/study.py --config configs/study.py               # paper scale (GPU: hours per arm)
     python scripts/study.py --config configs/study.py:fit           # networks that fit their data, 2-core CPU: 30 runs
+    python scripts/study.py --config configs/study.py:dose          # which rho and ball make Adam's minimum flat: 33 runs
     python scripts/study.py --config configs/study.py:cpu           # a quick demo: under-trained networks, 8 arms x 2 seeds
     python scripts/study.py --config configs/study.py:smoke         # seconds: 2 arms x 1 seed, synthetic data
     # more arms (see jaxsam/study.py ARMS), more seeds, any training field of every arm:
@@ -9,8 +10,9 @@
         --config.seeds=3 --config.run.train.num_epochs=5
 
 Fields:
-  models, arms: comma-separated names (arms: jaxsam.study.ARMS; the original
-    study's setting is original_sgd, original_sgd_asam, original_adam, original_adam_asam).
+  models, arms: comma-separated names (arms: jaxsam.study.ARMS, and any SAM arm at
+    another rho as <arm>_rho<rho>, e.g. adam_sam_rho0.1; the original study's setting is
+    original_sgd, original_sgd_asam, original_adam, original_adam_asam).
   extra_arms: (model, arm) pairs added to the grid, "model:arm,...", e.g. the
     original study's Adam setting on ResNet18 only.
   pair_epochs: "model:base_arm=epochs,...": the epochs of a base arm on one model and of
@@ -34,8 +36,11 @@ from jaxsam.measure import measure_options
 
 def get_config(size=None):
     size = size or "full"
+    if size == "dose":
+        return dose_config()
     if size not in SIZES:
-        raise ValueError(f"unknown study size {size!r}: use one of {', '.join(SIZES)} (e.g. configs/study.py:cpu)")
+        raise ValueError(f"unknown study size {size!r}: use one of {', '.join(SIZES + ('dose',))} "
+                         "(e.g. configs/study.py:cpu)")  # fmt: skip
     c = ml_collections.ConfigDict()
     c.size = size
     c.models = "resnet18,vgg16"
@@ -106,4 +111,38 @@ def get_config(size=None):
         c.run.track.lanczos_iters = 3
         c.run.track.ascent_steps = 2
         c.measure.measures = "accuracy,worst_case,average_case,lambda_max,interpolation"
+    return c
+
+
+def dose_config():
+    """Which SAM makes Adam's minimum flat: a rho and ball dose-response at the :fit scale.
+
+    ResNet18, the :fit regime and the :fit Adam arm's training (lr 3e-3, cosine, 40 epochs,
+    5,000 images), 3 seeds each, every arm paired by seed with its base:
+      Adam + SAM at rho 0.02, 0.05, 0.1, 0.2, 0.5 and Adam + ASAM at rho 0.5, 1, 2 (vs Adam);
+      Adam + label smoothing 0.1 (vs Adam, as a factor) and with ASAM rho 2 (vs Adam + LS): the
+      original study's pair (ASAM rho 2, label smoothing 0.1, lr 1e-3, 150 epochs) taken apart.
+    The arms that push hardest (ASAM rho 2, SAM rho 0.5, LS + ASAM rho 2) come first in the
+    plan, so seed 0 of each is the pilot that shows whether it fits its subset in 40 epochs.
+
+    Tracking every epoch on 64 fixed training images (eval-mode BatchNorm): lambda_max and
+    Adam's preconditioned lambda_max by 4 Lanczos steps (plus one product each for the
+    residual), recorded with Adam's threshold (2 + 2 b1) / ((1 - b1) lr_t) at the epoch's
+    learning rate, and worst-case sharpness by 2 ascent steps: few enough products that
+    tracking stays a small share of each epoch (its cost is in metrics.jsonl, track_seconds).
+    Measured as the :fit runs are, without the figure-only measures.
+    """
+    c = get_config("fit")
+    c.models = "resnet18"
+    c.arms = ("adam,adam_asam_rho2,adam_sam_rho0.5,adam_ls,adam_ls_asam_rho2,adam_asam_rho1,adam_sam_rho0.2,"
+              "adam_asam,adam_sam_rho0.1,adam_sam,adam_sam_rho0.02")  # fmt: skip
+    c.extra_arms = ""
+    c.pair_epochs = ""
+    c.figure_measures = ""
+    c.run.track.every_epochs = 1
+    c.run.track.measures = "lambda_max,worst_case,preconditioned"
+    c.run.track.n_examples = 64
+    c.run.track.batch_size = 64
+    c.run.track.lanczos_iters = 4
+    c.run.track.ascent_steps = 2
     return c

@@ -52,6 +52,21 @@ def _variant(c, name: str, rho: float | None = None):
     return c
 
 
+def _smoothed(c, label_smoothing: float = 0.1):
+    # The one factor of the original study's pair besides the ball, ρ, lr and epochs.
+    c.train.label_smoothing = label_smoothing
+    return c
+
+
+def _with_rho(apply: Callable, rho: float) -> Callable:
+    def arm(c):
+        c = apply(c)
+        c.sam.rho = rho
+        return c
+
+    return arm
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """One optimizer setting of the grid."""
@@ -61,7 +76,40 @@ class Arm:
     base: str | None = None  # the arm without SAM it is compared with (None: it is a base)
 
 
-ARMS: dict[str, Arm] = {
+class ArmTable(dict):
+    """The named arms, and every SAM arm at another ρ: `<sam arm>_rho<ρ>` (e.g. adam_sam_rho0.1, adam_asam_rho2).
+
+    ρ is spelled as `f"{rho:g}"` prints it, so each (arm, ρ) has one name and
+    one run folder. Iterating lists the named arms only.
+    """
+
+    def _at_rho(self, name: str) -> Arm | None:
+        stem, sep, value = name.rpartition("_rho")
+        if not sep or not dict.__contains__(self, stem) or dict.__getitem__(self, stem).base is None:
+            return None
+        try:
+            rho = float(value)
+        except ValueError:
+            return None
+        if not (0 < rho < float("inf")) or f"{rho:g}" != value:
+            return None
+        arm = dict.__getitem__(self, stem)
+        return Arm(f"{arm.label} ρ={value}", _with_rho(arm.apply, rho), base=arm.base)
+
+    def __missing__(self, name: str) -> Arm:
+        arm = self._at_rho(name)
+        if arm is None:
+            raise KeyError(name)
+        return arm
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and self._at_rho(name) is not None)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+ARMS: ArmTable = ArmTable({
     "sgd": Arm("SGD", _sgd),
     "sgd_sam": Arm("SGD + SAM", use_sam, base="sgd"),
     "sgd_asam": Arm("SGD + ASAM", lambda c: _asam(c, 0.5), base="sgd"),
@@ -79,13 +127,17 @@ ARMS: dict[str, Arm] = {
     "adam_fsam": Arm("Adam + F-SAM", lambda c: _variant(use_adam(c), "fsam"), base="adam"),
     "adam_vasso": Arm("Adam + VaSSO", lambda c: _variant(use_adam(c), "vasso"), base="adam"),
     "adam_msam": Arm("Adam + Momentum-SAM", lambda c: _variant(use_adam(c), "msam", rho=3.0), base="adam"),
+    # Label smoothing 0.1 alone, and with a SAM arm (the dose study: configs/study.py:dose).
+    "adam_ls": Arm("Adam + LS", lambda c: _smoothed(use_adam(c))),
+    "adam_ls_sam": Arm("Adam + LS + SAM", lambda c: use_sam(_smoothed(use_adam(c))), base="adam_ls"),
+    "adam_ls_asam": Arm("Adam + LS + ASAM", lambda c: _asam(_smoothed(use_adam(c)), 0.5), base="adam_ls"),
     "original_sgd": Arm("SGD (original study)", lambda c: _original(c, "sgd")),
     "original_sgd_asam": Arm("SGD + ASAM ρ=2 (original)", lambda c: _asam(_original(c, "sgd"), 2.0),
                              base="original_sgd"),  # fmt: skip
     "original_adam": Arm("Adam (original study)", lambda c: _original(c, "adam")),
     "original_adam_asam": Arm("Adam + ASAM ρ=2 (original)", lambda c: _asam(_original(c, "adam"), 2.0),
                               base="original_adam"),  # fmt: skip
-}
+})
 MODELS = ("resnet18", "vgg16")
 MODEL_LABELS = {"resnet18": "ResNet18", "vgg16": "VGG16"}
 
@@ -115,10 +167,10 @@ class RunSpec:
 
 def _names(value: str, known: Iterable[str], field: str) -> list[str]:
     chosen = [n.strip() for n in value.split(",") if n.strip()]
-    known = list(known)
     unknown = [n for n in chosen if n not in known]
     if unknown or not chosen:
-        raise ValueError(f"study.{field} has unknown {unknown or value!r}: choose from {', '.join(known)}")
+        more = " (or a SAM arm at another ρ, e.g. adam_sam_rho0.1)" if known is ARMS else ""
+        raise ValueError(f"study.{field} has unknown {unknown or value!r}: choose from {', '.join(known)}{more}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"study.{field} names an entry twice ({value!r}): list each once")
     return chosen

@@ -13,8 +13,14 @@ normalized with `data.normalize`) with the public measures of
   (`worst_case_sharpness`; a lower bound of the maximum),
 * `average_case`: Gaussian average-case sharpness (antithetic pairs),
 * `first_order`: ρ‖∇L‖, the original study's proxy,
+* `preconditioned`: for Adam and AdamW, λmax of the Hessian preconditioned
+  by the optimizer state's second moment (`preconditioned_top_eigenvalue`,
+  the final measure's subspace rule), a few Lanczos steps, recorded with
+  Adam's stability threshold (2 + 2β₁)/((1 − β₁)η_t) at that epoch's learning
+  rate (Cohen et al. 2022); skipped for SGD,
 
-returned as {"track_<measure>": value, "track_loss": L(w)}. Where their loops
+returned as {"track_<measure>": value, "track_loss": L(w)}, eigenvalues with
+their relative residual ‖Av − λv‖/|λ| as "track_<measure>_residual". Where their loops
 run is the executor's choice (`geometry.driver`); every epoch's loss has the
 same shapes, so later epochs compile nothing. The settings (subset size,
 steps) are in config.json with the run, so tracked values of different runs
@@ -34,7 +40,8 @@ from jaxsam import data
 from jaxsam.geometry import driver, hessian, sharpness
 from jaxsam.geometry.loss import make_loss_fn
 
-TRACKABLE = ("lambda_max", "worst_case", "average_case", "first_order")
+TRACKABLE = ("lambda_max", "worst_case", "average_case", "first_order", "preconditioned")
+ADAPTIVE = ("adam", "adamw")  # the optimizers with a second-moment preconditioner
 
 
 def parse_measures(names: str) -> tuple[str, ...]:
@@ -47,15 +54,33 @@ def parse_measures(names: str) -> tuple[str, ...]:
 
 
 def make_tracker(
-    track: ml_collections.ConfigDict, model: Any, images: np.ndarray, labels: np.ndarray
-) -> Callable[[Any, Any, jax.Array], dict[str, float]]:
-    """A function `(params, batch_stats, key) -> {"track_<name>": float}` (its programs compile on first use)."""
+    track: ml_collections.ConfigDict,
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    optimizer: ml_collections.ConfigDict | None = None,
+) -> Callable[[Any, jax.Array, float], dict[str, float]]:
+    """A function `(state, key, learning_rate) -> {"track_<name>": float}` (its programs compile on first use).
+
+    Args:
+      track: the run's `config.track`.
+      model: the linen network.
+      images, labels: the training split; the first `track.n_examples` are measured.
+      optimizer: the run's `config.optimizer` (for `preconditioned`: its name, b1, b2 and eps).
+
+    Returns:
+      `tracker(state, key, learning_rate)`: `state` has `params`, `batch_stats`
+      and `opt_state`; `learning_rate` is η at the last step taken.
+    """
     measures = parse_measures(track.measures)
+    if "preconditioned" in measures and (optimizer is None or optimizer.name not in ADAPTIVE):
+        measures = tuple(m for m in measures if m != "preconditioned")  # no preconditioner to measure
     n = min(track.n_examples, len(labels))
     images, labels = np.asarray(images[:n]), np.asarray(labels[:n])
 
-    def measure(params, batch_stats, key) -> dict[str, Any]:
-        loss_fn = make_loss_fn(model, {"params": params, "batch_stats": batch_stats}, images, labels,
+    def measure(state, key, learning_rate) -> dict[str, Any]:
+        params = state.params
+        loss_fn = make_loss_fn(model, {"params": params, "batch_stats": state.batch_stats}, images, labels,
                                preprocess=data.normalize, batch_size=track.batch_size, subset=f"train[:{n}]")  # fmt: skip
         keys = dict(zip(TRACKABLE, jax.random.split(key, len(TRACKABLE))))
         out = {"loss": driver.value(loss_fn, params)}
@@ -63,6 +88,7 @@ def make_tracker(
             # top_eigenvalues clips the steps to the number of parameters itself.
             top = hessian.top_eigenvalues(loss_fn, params, keys["lambda_max"], iters=track.lanczos_iters)
             out["lambda_max"] = top.eigenvalues[0]
+            out["lambda_max_residual"] = top.residuals[0] / abs(top.eigenvalues[0])
         if "worst_case" in measures:
             out["worst_case"] = sharpness.worst_case_sharpness(loss_fn, params, track.rho, keys["worst_case"],
                                                                steps=track.ascent_steps).value  # fmt: skip
@@ -72,11 +98,21 @@ def make_tracker(
             ).value
         if "first_order" in measures:
             out["first_order"] = sharpness.first_order_sharpness(loss_fn, params, track.rho).value
+        if "preconditioned" in measures:
+            pre = hessian.preconditioned_top_eigenvalue(
+                loss_fn, params, state.opt_state, keys["preconditioned"], learning_rate=learning_rate,
+                iters=track.lanczos_iters, eps=optimizer.eps, b1=optimizer.b1, b2=optimizer.b2,
+            )  # fmt: skip
+            out["preconditioned"] = pre.eigenvalue
+            out["preconditioned_residual"] = pre.residual / abs(pre.eigenvalue)
+            out["preconditioned_excluded"] = pre.excluded
+            out["adam_threshold"] = pre.adam_threshold
         return out
 
-    def tracker(params, batch_stats, key) -> dict[str, float]:
+    def tracker(state, key, learning_rate: float) -> dict[str, float]:
         start = time.time()
-        record = {f"track_{k}": float(v) for k, v in jax.device_get(measure(params, batch_stats, key)).items()}
+        values = jax.device_get(measure(state, key, float(learning_rate)))
+        record = {f"track_{k}": float(v) for k, v in values.items()}
         record["track_seconds"] = time.time() - start
         return record
 

@@ -419,7 +419,7 @@ def train_and_evaluate(
     if config.track.every_epochs > 0:
         from jaxsam.track import make_tracker
 
-        tracker = make_tracker(config.track, model, dataset.train.images, dataset.train.labels)
+        tracker = make_tracker(config.track, model, dataset.train.images, dataset.train.labels, config.optimizer)
     batch_size, num_epochs = config.train.batch_size, config.train.num_epochs
     # train.max_steps stops early (e.g. to check that a paper-scale config starts);
     # the schedule still spans num_epochs, so the stopped run is a resumable prefix.
@@ -458,8 +458,8 @@ def train_and_evaluate(
                 record["train_images_per_sec"] = epoch_sums.steps * batch_size / train_time
             record.update(_evaluate_splits(eval_step, state, dataset, config, mesh))
             if tracker is not None and finished and (epoch + 1) % config.track.every_epochs == 0:
-                record.update(tracker(state.params, state.batch_stats, jax.random.fold_in(
-                    jax.random.key(config.seed + 1), epoch)))  # fmt: skip
+                record.update(tracker(state, jax.random.fold_in(jax.random.key(config.seed + 1), epoch),
+                                      record["lr"]))  # fmt: skip
             record["epoch_seconds"] = time.time() - epoch_start
             log.write(record)
             bar.set_postfix(_postfix({k[6:]: v for k, v in record.items() if k.startswith("train_")},

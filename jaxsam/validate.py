@@ -192,6 +192,11 @@ def check_measure_options(options: Any, *, flag: str = "--options") -> None:
     o.choice("eigen_method", EIGEN_METHODS)
     o.ranges(MEASURE_RANGES)
     o.ranges({"samples": PAIRS if o["antithetic"] else INT2})
+    n, size = o["n_examples"], min(o["batch_size"], o["n_examples"])
+    if o["bn"] == "train" and n % size:
+        divisor = max(d for d in range(1, size + 1) if n % d == 0)
+        raise ValueError(f"{o.shown}bn=train normalizes each microbatch by its own statistics, so batch_size="
+                         f"{o['batch_size']} must divide n_examples={n}: e.g. {o.fix('batch_size', divisor)}")  # fmt: skip
     k, iters = o["top_k"], o["lanczos_iters"]
     if o["eigen_method"] == "lanczos" and k > iters:
         raise ValueError(f"{o.shown}top_k={k} needs as many Lanczos steps (lanczos_iters={iters}): "

@@ -17,7 +17,7 @@ from jaxsam.train import read_config, train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACK = {
     "track.every_epochs": 1,
-    "track.measures": "lambda_max,worst_case,average_case,first_order",
+    "track.measures": "lambda_max,worst_case,average_case,first_order,preconditioned",
     "track.n_examples": 40,
     "track.batch_size": 16,
     "track.lanczos_iters": 6,
@@ -65,8 +65,11 @@ def test_measure_run_writes_every_measure_and_the_tracked_measures_bound_it(adam
     epochs = _epochs(workdir)
     assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:
-        for name in ("loss", "lambda_max", "worst_case", "average_case", "first_order", "seconds"):
+        for name in ("loss", "lambda_max", "worst_case", "average_case", "first_order", "preconditioned", "seconds"):
             assert np.isfinite(r[f"track_{name}"]), (name, r)
+        # Adam's threshold at the epoch's own learning rate (the cosine schedule's value at its last step).
+        assert r["track_adam_threshold"] == pytest.approx(38 / r["lr"], rel=1e-6)
+        assert 0 <= r["track_preconditioned_residual"] and r["track_preconditioned_excluded"] >= 0
     last = epochs[-1]  # tracked on the final parameters, which measure_run reads from the checkpoint
     assert last["track_loss"] == pytest.approx(train["worst_case"]["loss"], rel=1e-5)
     # A few Lanczos steps give a lower bound of λmax, already close for the top of the spectrum.
@@ -77,6 +80,9 @@ def test_measure_run_writes_every_measure_and_the_tracked_measures_bound_it(adam
     assert last["track_first_order"] == pytest.approx(train["first_order"]["value"], rel=1e-4)
 
     assert train["preconditioned"]["eigenvalue"] > 0
+    # The tracked preconditioned λmax is the same operator (same state, floor) by fewer Lanczos steps: a lower bound.
+    assert 0 < last["track_preconditioned"] <= train["preconditioned"]["eigenvalue"] * (1 + 1e-4)
+    assert last["track_adam_threshold"] == pytest.approx(train["preconditioned"]["adam_threshold"], rel=1e-6)
     assert train["preconditioned"]["adam_threshold_at_peak"] == pytest.approx(38 / 1e-3)  # (2+2·0.9)/(0.1·η)
     assert "eigenvectors" not in train["lambda_max"]  # parameter-sized: kept out of geometry.json
     assert all(record["seconds"] > 0 for record in train.values())

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import chex
 import pytest
 
+from jaxsam.geometry import driver
 from jaxsam.geometry.hessian import top_eigenvalues
 from jaxsam.geometry.loss import make_loss_fn
 from jaxsam.geometry.sharpness import average_case_sharpness, first_order_sharpness, worst_case_sharpness
@@ -255,6 +257,35 @@ def test_loss_fn_train_mode_uses_each_microbatch_statistics(x64):
         logits, _ = model.apply(variables, jnp.asarray(images[part]), train=True, mutable=["batch_stats"])
         halves.append(-np.sum(np.asarray(jax.nn.log_softmax(logits))[np.arange(10), labels[part]]))
     assert float(loss_fn(variables["params"])) == pytest.approx(sum(halves) / 20, rel=1e-12)
+
+
+def test_train_mode_loss_is_the_per_microbatch_loss_and_refuses_padded_microbatches(x64):
+    """bn="train": each microbatch's own statistics from its real rows; a microbatch size that does not divide N
+    (whose padding rows would enter the last microbatch's statistics) is refused with the sizes that do."""
+    model, variables, images, labels = _tiny_model_data(n=30)
+    params = variables["params"]
+
+    def by_hand(p, size):  # the mean over N of each microbatch's train-mode losses, written out
+        total = 0.0
+        for start in range(0, 30, size):
+            logits, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                                    jnp.asarray(images[start : start + size]), train=True, mutable=["batch_stats"])  # fmt: skip
+            total = total - jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(size), labels[start : start + size]])
+        return total / 30
+
+    for size in (6, 10, 15):
+        loss_fn = make_loss_fn(model, variables, images, labels, batch_size=size, bn="train")
+        value, grad = driver.value_and_grad(loss_fn, params)
+        assert float(value) == pytest.approx(float(by_hand(params, size)), rel=1e-12)
+        chex.assert_trees_all_close(grad, jax.grad(by_hand)(params, size), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match=r"batch_size=8 must divide the 30 examples .*use batch_size=6 or 5, "
+                                         r"or the first 24 examples"):  # fmt: skip
+        make_loss_fn(model, variables, images, labels, batch_size=8, bn="train")
+    with pytest.raises(ValueError, match="m=4 must divide the 30 examples"):
+        make_loss_fn(model, variables, images, labels, batch_size=10, bn="train").chunked(4)
+    # Eval mode pads and masks any N exactly (the statistics are the running ones).
+    assert float(make_loss_fn(model, variables, images, labels, batch_size=8)(params)) == pytest.approx(
+        float(make_loss_fn(model, variables, images, labels, batch_size=30)(params)), rel=1e-12)
 
 
 def test_loss_fn_preprocesses_inputs_only_when_asked():

@@ -512,6 +512,7 @@ def test_bad_study_input_is_one_line_and_writes_nothing(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: study.arms has unknown ['lion']: choose from " + ", ".join(study_lib.ARMS)
+        + " (or a SAM arm at another ρ, e.g. adam_sam_rho0.1)"
     ]
     assert not folder.exists()
 

@@ -55,7 +55,7 @@ ENUMS = [
     ("sam.adaptive_leaves", "weight", r"^unknown sam.adaptive_leaves 'weight': use one of all, weights, kernels; did you mean weights\? \(--config.sam.adaptive_leaves=weights\)$"),
     ("sam.mask", "kernel", r"^unknown sam.mask 'kernel': use all or kernels; did you mean kernels\? \(--config.sam.mask=kernels\)$"),
     ("train.nan_policy", "ignore", r"^unknown train.nan_policy 'ignore': use stop or skip \(--config.train.nan_policy=...\)$"),
-    ("track.measures", "lambda_max,foo", r"^unknown measure 'foo' in track.measures: choose from lambda_max, worst_case, average_case, first_order \(--config.track.measures=...\)$"),
+    ("track.measures", "lambda_max,foo", r"^unknown measure 'foo' in track.measures: choose from lambda_max, worst_case, average_case, first_order, preconditioned \(--config.track.measures=...\)$"),
     ("track.measures", "lambda_max,worst_cas", r"did you mean worst_case\? \(--config.track.measures=lambda_max,worst_case\)$"),
     ("track.measures", "worst_case,worst_case", r"^track.measures must name each measure once"),
     ("size", "smok", r"^unknown config size 'smok': use one of full, fit, cpu, smoke; did you mean smoke\?"),
@@ -200,7 +200,7 @@ def test_measure_script_usage_names_the_real_flag():
 SMOKE = ["--config", "configs/sgd.py:smoke"]
 CLI = {
     "train: unknown tracked measure": ("train.py", [*SMOKE, "--config.track.measures=foo", "--config.track.every_epochs=1"], False,
-        r"unknown measure 'foo' in track.measures: choose from lambda_max, worst_case, average_case, first_order \(--config.track.measures=...\)"),
+        r"unknown measure 'foo' in track.measures: choose from lambda_max, worst_case, average_case, first_order, preconditioned \(--config.track.measures=...\)"),
     "train: unknown size": ("train.py", ["--config", "configs/sgd.py:smok"], False,
         r"unknown config size 'smok' in --config configs/sgd.py:smok: use one of full, fit, cpu, smoke; did you mean smoke\? \(--config configs/sgd.py:smoke\)"),
     "train: misspelled field": ("train.py", [*SMOKE, "--config.sam.rhoo=0.1"], False,
@@ -261,3 +261,10 @@ def test_the_onednn_convolution_without_its_extension_is_one_error(monkeypatch):
     with pytest.raises(ValueError, match=r"^model.conv=onednn needs the oneDNN extension: the extension is not "
                                          r"built \(pip install -e \"\.\[cpu-fast\]\"\); or use --config.model.conv=auto$"):
         check_config(_config(**{"model.conv": "onednn"}))
+
+
+def test_train_mode_measures_need_microbatches_that_divide_the_subset():
+    with pytest.raises(ValueError, match=r"^options.bn=train normalizes each microbatch by its own statistics, so "
+                                         r"batch_size=300 must divide n_examples=1000: e\.g\. --options.batch_size=250$"):  # fmt: skip
+        check_measure_options(_options(bn="train", n_examples=1000, batch_size=300))
+    check_measure_options(_options(bn="train", n_examples=1000, batch_size=250))

@@ -163,6 +163,26 @@ def _targets(targets: Any) -> np.ndarray:
     return targets.astype(np.int32) if np.issubdtype(targets.dtype, np.integer) else targets
 
 
+def check_train_mode_batches(n: int, batch_size: int) -> None:
+    """Refuses train-mode BatchNorm over microbatches that do not divide the n examples.
+
+    In train mode each microbatch is normalized by its own statistics, so the
+    zero rows that pad a short last microbatch would enter its mean and
+    variance and silently change every loss of that microbatch.
+
+    Raises:
+      ValueError: one line naming batch sizes that divide n.
+    """
+    size = min(int(batch_size), int(n))
+    if size >= 1 and n % size:
+        divisors = [d for d in range(size, 0, -1) if n % d == 0][:2]
+        raise ValueError(
+            f"bn='train' normalizes each microbatch by its own statistics, so batch_size={batch_size} must divide "
+            f"the {n} examples (padding rows would enter the last one's statistics): use batch_size="
+            f"{' or '.join(map(str, divisors))}, or the first {n - n % size} examples"
+        )
+
+
 def make_loss_fn(
     model: Any,
     variables: Any = None,
@@ -192,8 +212,8 @@ def make_loss_fn(
         (e.g. `jaxsam.data.normalize` for CIFAR uint8 pixels); None: as given.
       batch_size: microbatch size; N need not divide by it.
       bn: "eval" (running statistics) or "train" (each microbatch's own
-        statistics; the loss then depends on the microbatch size). For a
-        linen module without a `train` argument only "eval".
+        statistics; the loss then depends on the microbatch size, which must
+        divide N). For a linen module without a `train` argument only "eval".
       subset: a name recorded in `info` (e.g. "train[:4096]").
 
     Returns:
@@ -218,6 +238,8 @@ def make_loss_fn(
         if n_in != n_out or not n_in or n_in[0] == 0:
             raise ValueError(f"need as many labels as images, at least one (got {n_in[0] if n_in else 0} images, "
                              f"{n_out[0] if n_out else 0} labels)")  # fmt: skip
+        if bn == "train":
+            check_train_mode_batches(n_in[0], batch_size)
         data = (np.asarray(inputs), _targets(targets))
     if _is_linen(model):
         if not isinstance(variables, dict) or "params" not in variables:

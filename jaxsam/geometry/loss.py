@@ -244,6 +244,10 @@ class LossFunction:
             raise ValueError(f"m must be between 1 and the subset size {self.n} (got {m})")
         flat = jax.tree.map(lambda a: np.asarray(a).reshape((-1,) + a.shape[2:])[: self.n], self.batches)
         size = min(int(self.info.get("batch_size", m)), m)
+        if self.info.get("bn") == "train" and (self.n % m or m % size):
+            raise ValueError(f"bn='train' normalizes each microbatch by its own statistics, so m={m} must divide the "
+                             f"{self.n} examples and be a multiple of the microbatch size {size} (padding rows "
+                             "would enter a microbatch's statistics)")  # fmt: skip
         chunks = [jax.tree.map(lambda a: a[start : start + m], flat) for start in range(0, self.n, m)]
         parts = [_microbatches(chunk, size, per=m) for chunk in chunks]
         batches = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[p[0] for p in parts])
