@@ -369,8 +369,9 @@ def load_dataset(
             raise DataError(f"asked for n_test={n_test:,}, but the test split has {len(test_pool):,}: lower it")
         test = Split(test_pool.images[:n_test], test_pool.labels[:n_test])
 
+    train_size = f"{len(train):,} (all: n_train=0)" if n_train_asked == 0 else _size(len(train), available)
     sizes = (
-        f"train {_size(len(train), available)}, validation {_size(n_validation)}, "
+        f"train {train_size}, validation {_size(n_validation)}, "
         f"test {_size(len(test), len(test_pool))}"
     )
     return Dataset(

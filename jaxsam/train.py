@@ -370,13 +370,18 @@ def _postfix(metrics: dict[str, Any], images_per_sec: float, **more: str) -> dic
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Trains `config` in `workdir` and returns the last epoch's record.
 
     A workdir with checkpoints is resumed from the latest one; one made by a
     different config is refused unless `allow_config_change`. Every check of
-    the config and the data comes before the workdir is touched.
+    the config and the data comes before the workdir is touched. `log`, if
+    given, receives one line naming the data used (source, file, split sizes).
 
     Example:
       >>> record = train_and_evaluate(config_of("configs/sgd_sam.py:smoke"), "/tmp/run")
@@ -387,6 +392,8 @@ def train_and_evaluate(
     parallel.check_divisible(config.train.batch_size, mesh, "train.batch_size")
     parallel.check_divisible(config.train.eval_batch_size, mesh, "train.eval_batch_size")
     dataset = workdir_lib.load_data(config)
+    if log is not None and parallel.is_primary():
+        log(f"data: {dataset.description}")
     steps_per_epoch = data.steps_per_epoch(len(dataset.train), config.train.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(

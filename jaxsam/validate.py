@@ -69,10 +69,35 @@ def did_you_mean(value: Any, choices: Iterable[Any]) -> Optional[str]:
     return close[0] if close else None
 
 
+# Names users type for a field, by its name (the field is suggested only where it exists).
+ALIASES = {"lr": "learning_rate", "learningrate": "learning_rate", "wd": "weight_decay", "epochs": "num_epochs",
+           "bs": "batch_size", "batch": "batch_size", "beta1": "b1", "beta2": "b2", "epsilon": "eps",
+           "smoothing": "label_smoothing", "steps": "max_steps", "arch": "name", "optimizer": "name"}  # fmt: skip
+
+
+def _suggested_field(path: str, fields: list[str]) -> Optional[str]:
+    """The field `path` most likely meant: an alias or a close name beside it, or the one field of that name."""
+    parent, _, leaf = path.rpartition(".")
+    beside = {f.rpartition(".")[2]: f for f in fields if f.rpartition(".")[0] == parent}
+    meant = ALIASES.get(leaf.lower().replace("-", "_"), leaf)
+    if meant in beside:
+        return beside[meant]
+    anywhere = [f for f in fields if f.rpartition(".")[2] in (leaf, meant)]
+    if len(anywhere) == 1:
+        return anywhere[0]
+    close = difflib.get_close_matches(leaf, list(beside), n=1, cutoff=0.75)
+    return beside[close[0]] if close else None
+
+
 def unknown_field(path: str, fields: Iterable[str], flag: str) -> str:
-    """The one-line error for `{flag}.{path}` when `path` names none of `fields` (flattened names)."""
+    """The one-line error for `{flag}.{path}` when `path` names none of `fields` (flattened names).
+
+    It suggests a field only where one is likely meant (a known alias such as
+    lr -> learning_rate, or a close spelling of a field beside it), else lists
+    the fields there.
+    """
     fields = sorted(fields)
-    best = did_you_mean(path, fields)
+    best = _suggested_field(path, fields)
     if best:
         return f"{flag}.{path} is not a field; did you mean {flag}.{best}?"
     parent = path.rpartition(".")[0]

@@ -63,7 +63,7 @@ def main(argv):
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]), config.size)
     start = time.time()
     try:
-        record = train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
+        record = train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value, log=print)
     except (ValueError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

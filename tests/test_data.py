@@ -263,6 +263,8 @@ def test_validation_and_train_subsets():
     other = data.load_dataset("synthetic", synthetic_size=size, seed=4, n_validation=50, n_train=30)
     assert not np.array_equal(other.train.images, sub.train.images)
     assert sub.description == "synthetic CIFAR-10-shaped data (seed 3) (train 30 of 200, validation 50, test 40)"
+    # n_train=0 is the whole split (after the hold-out), and the description says so.
+    assert full.description == "synthetic CIFAR-10-shaped data (seed 3) (train 150 (all: n_train=0), validation 50, test 40)"
 
     with pytest.raises(DataError, match=r"training split has 200"):
         data.load_dataset("synthetic", synthetic_size=size, n_validation=150, n_train=51)

@@ -208,6 +208,26 @@ def test_an_nnx_model_with_batchnorm_in_eval_and_train_mode(x64):
     assert top.converged and top.eigenvalues[0] > 0
 
 
+def test_the_default_loss_refuses_one_hot_labels_and_names_the_loss_that_takes_them(x64):
+    model, variables, images, labels = _tiny_model_data(n=12)
+    one_hot = np.eye(3)[labels]
+    with pytest.raises(ValueError, match=r"takes class indices of shape \(12,\); got float64 targets of shape "
+                                         r"\(12, 3\): pass integer labels .*loss=optax.softmax_cross_entropy"):  # fmt: skip
+        make_loss_fn(model, variables, images, one_hot)
+    soft = make_loss_fn(model, variables, images, one_hot, loss=optax.softmax_cross_entropy)
+    hard = make_loss_fn(model, variables, images, labels)
+    assert float(soft(variables["params"])) == pytest.approx(float(hard(variables["params"])), rel=1e-12)
+
+
+def test_a_printed_result_shows_its_numbers_and_summarizes_arrays_by_shape():
+    w = {"a": jnp.ones((30, 20)), "b": jnp.ones(20)}
+    top = hessian.top_eigenvalues(lambda p: 0.5 * jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 4), w, jax.random.key(0),
+                                  k=2, iters=10)  # fmt: skip
+    text = repr(top)
+    assert text.startswith("EigenResult(eigenvalues=[12.") and "eigenvectors=<pytree of 2 arrays, 1,240 numbers>" in text
+    assert "converged=True" in text and "history=<float" in text and len(text) < 400
+
+
 def test_make_loss_fn_says_what_each_kind_of_model_needs():
     x, y, _ = _data()
     with pytest.raises(ValueError, match="bn='train' needs a module with a `train` argument"):

@@ -56,6 +56,9 @@ def test_train_script_on_real_cifar10(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = out.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"done: {workdir}: epoch 1/1, step 8, test accuracy "), summary
+    # The data actually used, on one startup line.
+    assert f"data: CIFAR-10 from archive {CIFAR10} (train 512 of 50,000, validation 0, test 1,000 of 10,000)" in (
+        out.stdout.splitlines()), out.stdout[-2000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epoch = records[-1]
     assert epoch["epoch_done"] and epoch["step"] == 8  # 512 images, batch 64

@@ -268,3 +268,19 @@ def test_train_mode_measures_need_microbatches_that_divide_the_subset():
                                          r"batch_size=300 must divide n_examples=1000: e\.g\. --options.batch_size=250$"):  # fmt: skip
         check_measure_options(_options(bn="train", n_examples=1000, batch_size=300))
     check_measure_options(_options(bn="train", n_examples=1000, batch_size=250))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("optimizer.lr", r"^--config.optimizer.lr is not a field; did you mean --config.optimizer.learning_rate\?$"),
+    ("lr", r"did you mean --config.optimizer.learning_rate\?$"),
+    ("train.epochs", r"did you mean --config.train.num_epochs\?$"),
+    ("data.ntrain", r"did you mean --config.data.n_train\?$"),
+    # Nothing likely meant: the fields beside it, never a wrong guess (optimizer.lr once suggested b2).
+    ("train.foo", r"^--config.train.foo is not a field: the fields of config.train are batch_size, "),
+])  # fmt: skip
+def test_an_unknown_field_suggests_an_alias_or_a_close_name_beside_it_or_lists_the_fields(path, message):
+    from jaxsam.config import flatten
+    from jaxsam.validate import unknown_field
+
+    with pytest.raises(ValueError, match=message):
+        raise ValueError(unknown_field(path, flatten(_config()), "--config"))

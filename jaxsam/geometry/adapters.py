@@ -163,6 +163,17 @@ def _targets(targets: Any) -> np.ndarray:
     return targets.astype(np.int32) if np.issubdtype(targets.dtype, np.integer) else targets
 
 
+def check_integer_labels(targets: Any, n: int) -> None:
+    """Refuses targets the default loss (softmax cross-entropy with integer labels) cannot take."""
+    targets = np.asarray(targets)
+    if not np.issubdtype(targets.dtype, np.integer) or targets.shape != (n,):
+        raise ValueError(
+            f"the default loss, softmax cross-entropy with integer labels, takes class indices of shape ({n},); got "
+            f"{targets.dtype} targets of shape {targets.shape}: pass integer labels (one-hot: y.argmax(-1)), or "
+            "another per-example loss, e.g. loss=optax.softmax_cross_entropy for one-hot or soft targets"
+        )
+
+
 def check_train_mode_batches(n: int, batch_size: int) -> None:
     """Refuses train-mode BatchNorm over microbatches that do not divide the n examples.
 
@@ -240,6 +251,8 @@ def make_loss_fn(
                              f"{n_out[0] if n_out else 0} labels)")  # fmt: skip
         if bn == "train":
             check_train_mode_batches(n_in[0], batch_size)
+        if loss is DEFAULT_LOSS:
+            check_integer_labels(targets, n_in[0])
         data = (np.asarray(inputs), _targets(targets))
     if _is_linen(model):
         if not isinstance(variables, dict) or "params" not in variables:

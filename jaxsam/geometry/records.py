@@ -45,11 +45,46 @@ def to_json(value: Any) -> Any:
     return value
 
 
+def _short(value: Any) -> str:
+    """A field as a record prints it: scalars and short vectors in full, other arrays and pytrees by shape."""
+    if isinstance(value, dict) and not any(hasattr(v, "shape") for v in value.values()):
+        return repr(value)
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(value)
+        if array.ndim == 0:
+            return repr(array.item())
+        if array.size <= 8:
+            return np.array2string(array, precision=6, separator=", ")
+        return f"<{array.dtype} array {tuple(array.shape)}>"
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return repr(value)
+    leaves = [x for x in _leaves(value) if hasattr(x, "shape")]
+    if leaves:
+        return f"<pytree of {len(leaves)} arrays, {sum(int(np.size(x)) for x in leaves):,} numbers>"
+    return repr(value)
+
+
+def _leaves(tree: Any) -> list:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [x for f in dataclasses.fields(tree) for x in _leaves(getattr(tree, f.name))]
+    if hasattr(tree, "items") and callable(tree.items):  # flax State and other mappings
+        return [x for _, v in tree.items() for x in _leaves(v)]
+    return [tree]
+
+
 class Record:
-    """Mixin for the result dataclasses: `to_dict()` for JSON."""
+    """Mixin for the result dataclasses: `to_dict()` for JSON; printed with arrays summarized by shape."""
 
     def to_dict(self) -> dict[str, Any]:
         return to_json(self)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
 
 
 def _without(record: Any, skip: Sequence[str]) -> dict[str, Any]:
@@ -58,7 +93,7 @@ def _without(record: Any, skip: Sequence[str]) -> dict[str, Any]:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class EigenResult(Record):
     """Top-k Hessian eigenpairs (largest algebraic first) with their diagnostics.
 
@@ -106,7 +141,7 @@ class EigenResult(Record):
         return _without(self, ("eigenvectors",))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class TraceResult(Record):
     """Hutchinson estimate of tr(H).
 
@@ -127,7 +162,7 @@ class TraceResult(Record):
     loss_info: dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class DensityResult(Record):
     """Hessian eigenvalue density by stochastic Lanczos quadrature.
 
@@ -162,7 +197,7 @@ class DensityResult(Record):
         return float(np.mean(np.sum(self.weights * self.nodes**p, axis=1)))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class PreconditionedEigenResult(Record):
     """λmax of Adam's preconditioned Hessian P^{-1/2} H P^{-1/2} and Adam's stability thresholds.
 
@@ -208,7 +243,7 @@ class PreconditionedEigenResult(Record):
 # --------------------------------------------------------------------------- sharpness
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class WorstCaseResult(Record):
     """max over the ball of L(w + c⊙δ) − L(w), with the ascent's diagnostics.
 
@@ -257,7 +292,7 @@ class WorstCaseResult(Record):
         return to_json({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "perturbation"})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class AverageCaseResult(Record):
     """E[L(w + c⊙δ)] − L(w), δ ~ N(0, σ²I), by Monte Carlo.
 
@@ -284,7 +319,7 @@ class AverageCaseResult(Record):
     antithetic: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class FirstOrderResult(Record):
     """ρ‖c⊙∇L(w)‖: the first-order proxy of worst-case sharpness (what the original study logged).
 
@@ -302,7 +337,7 @@ class FirstOrderResult(Record):
 # --------------------------------------------------------------------------- landscape
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class CurveResult(Record):
     """The loss along a line through parameter space.
 
@@ -335,7 +370,7 @@ class CurveResult(Record):
     loss_info: dict
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class SurfaceResult(Record):
     """The loss on a plane L(w + x d1 + y d2).
 
