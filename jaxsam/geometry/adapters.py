@@ -251,8 +251,6 @@ def make_loss_fn(
                              f"{n_out[0] if n_out else 0} labels)")  # fmt: skip
         if bn == "train":
             check_train_mode_batches(n_in[0], batch_size)
-        if loss is DEFAULT_LOSS:
-            check_integer_labels(targets, n_in[0])
         data = (np.asarray(inputs), _targets(targets))
     if _is_linen(model):
         if not isinstance(variables, dict) or "params" not in variables:
@@ -261,6 +259,8 @@ def make_loss_fn(
         if bn == "train" and not has_train:
             raise ValueError(f"bn='train' needs a module with a `train` argument; {type(model).__name__} has none")
         state = {k: v for k, v in variables.items() if k != "params"}
+        if loss is DEFAULT_LOSS:
+            check_integer_labels(targets, len(data[1]))
         mutable = bn == "train" and bool(jax.tree.leaves(state.get("batch_stats", {})))
         kernel = LinenKernel(model, (bn == "train") if has_train else None, mutable, loss, preprocess)
         return loss_lib.from_data(kernel, data, state, batch_size=batch_size, info=info)
@@ -269,6 +269,8 @@ def make_loss_fn(
 
         if variables is not None:
             raise ValueError("an NNX module holds its own variables: pass variables=None")
+        if loss is DEFAULT_LOSS:
+            check_integer_labels(targets, len(data[1]))
         graphdef, _, state = nnx.split(model, nnx.Param, ...)
         kernel = NnxKernel(graphdef, bn == "train", loss, preprocess)
         return loss_lib.from_data(kernel, data, state, batch_size=batch_size, info=info)
