@@ -254,7 +254,7 @@ def test_sources_download_and_auto_read_the_cache_and_say_so(server, cache, tiny
         dataset = data.load_dataset(source, url=server.url, sha256=sha, progress=False)
         assert (dataset.source, dataset.path) == ("download", str(cache / NAME))
         assert dataset.description == (
-            f"CIFAR-10 from archive {cache / NAME} (the download cache) (train 15, validation 0, test 3)"
+            f"CIFAR-10 from archive {cache / NAME} (the download cache) (train 15 (all: n_train=0), validation 0, test 3)"
         )
     assert len(server.requests) == 1
     # An explicit path wins over the cache, and is recorded.
