@@ -40,6 +40,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 NAN_POLICIES = ("stop", "skip")
 SAM_VARIANTS = ("asam", "fsam", "gsam", "looksam", "msam", "none", "sam", "vasso")
 NO_STEP = 2**31 - 1  # "no non-finite step" in the sums' first_nonfinite
+TRACK_STARTS = "track_starts.npz"  # the tracker's warm-start vectors after the last tracked epoch
 
 
 @flax.struct.dataclass
@@ -427,6 +428,7 @@ def train_and_evaluate(
         from jaxsam.track import make_tracker
 
         tracker = make_tracker(config.track, model, dataset.train.images, dataset.train.labels, config.optimizer)
+        tracker.load(os.path.join(workdir, TRACK_STARTS), step // steps_per_epoch)  # warm after a resume
     batch_size, num_epochs = config.train.batch_size, config.train.num_epochs
     # train.max_steps stops early (e.g. to check that a paper-scale config starts);
     # the schedule still spans num_epochs, so the stopped run is a resumable prefix.
@@ -467,6 +469,8 @@ def train_and_evaluate(
             if tracker is not None and finished and (epoch + 1) % config.track.every_epochs == 0:
                 record.update(tracker(state, jax.random.fold_in(jax.random.key(config.seed + 1), epoch),
                                       record["lr"]))  # fmt: skip
+                if primary:
+                    tracker.save(os.path.join(workdir, TRACK_STARTS), epoch + 1)
             record["epoch_seconds"] = time.time() - epoch_start
             log.write(record)
             bar.set_postfix(_postfix({k[6:]: v for k, v in record.items() if k.startswith("train_")},

@@ -342,6 +342,34 @@ def test_preconditioned_top_eigenvalue_matches_dense(mlp):
     json.dumps(res.to_dict())
 
 
+def test_a_warm_start_from_the_top_eigenvector_is_exact_in_one_step(mlp):
+    """start= (lanczos, restarted, preconditioned): from the top eigenvector the first Ritz pair is the answer,
+    where a random start after one step is not; a start of the wrong size or zero is refused."""
+    top = np.linalg.eigh(mlp.h)
+    exact = ravel_pytree(mlp.params)[1](jnp.asarray(top.eigenvectors[:, -1]))  # as a pytree like the params
+    key = jax.random.key(0)
+    cold = hessian.top_eigenvalues(mlp.loss_fn, mlp.params, key, iters=1)
+    warm = hessian.top_eigenvalues(mlp.loss_fn, mlp.params, key, iters=1, start=exact)
+    assert warm.eigenvalues[0] == pytest.approx(top.eigenvalues[-1], rel=1e-10) and warm.residuals[0] < 1e-8
+    assert cold.eigenvalues[0] < 0.99 * top.eigenvalues[-1]
+    flat = hessian.top_eigenvalues(mlp.loss_fn, mlp.params, key, k=2, method="restarted",
+                                   start=top.eigenvectors[:, -1])  # fmt: skip
+    assert flat.eigenvalues[0] == pytest.approx(top.eigenvalues[-1], rel=1e-10)
+
+    params, state = _adam_steps(optax.adam(0.01), mlp, 3)
+    want = _dense_preconditioned_lmax(mlp, params, state, b2=0.999)
+    full = hessian.preconditioned_top_eigenvalue(mlp.loss_fn, params, state, key, iters=1000)
+    again = hessian.preconditioned_top_eigenvalue(mlp.loss_fn, params, state, key, iters=1, start=full.eigenvector)
+    assert again.eigenvalue == pytest.approx(want, rel=1e-10)
+    assert "eigenvector" not in full.to_dict()
+    with pytest.raises(ValueError, match="start has 3 entries, the parameters 66"):
+        hessian.top_eigenvalues(mlp.loss_fn, mlp.params, key, start=np.ones(3))
+    with pytest.raises(ValueError, match="start must be a finite, nonzero vector"):
+        hessian.preconditioned_top_eigenvalue(mlp.loss_fn, params, state, key, start=np.zeros(66))
+    with pytest.raises(ValueError, match="start applies to method='lanczos' and 'restarted'"):
+        hessian.top_eigenvalues(mlp.loss_fn, mlp.params, key, method="power", start=exact)
+
+
 def test_preconditioned_leaves_out_coordinates_adam_never_moved(x64):
     """A parameter with no training gradient (like a bias feeding BatchNorm in train mode) that
     does change the measured loss: its ν̂ = 0 gives P⁻¹ = 1/ε = 1e8, and with it λmax would be

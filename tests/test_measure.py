@@ -12,6 +12,7 @@ import pytest
 
 from jaxsam.config import base_config
 from jaxsam.measure import MEASURES, measure_options, measure_run
+from jaxsam.track import make_tracker
 from jaxsam.train import read_config, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,14 @@ def test_measure_run_writes_every_measure_and_the_tracked_measures_bound_it(adam
         # Adam's threshold at the epoch's own learning rate (the cosine schedule's value at its last step).
         assert r["track_adam_threshold"] == pytest.approx(38 / r["lr"], rel=1e-6)
         assert 0 <= r["track_preconditioned_residual"] and r["track_preconditioned_excluded"] >= 0
+    # The first tracked epoch starts its Lanczos runs from random vectors, the next from the last top vectors,
+    # which the run keeps for a resume after that epoch.
+    assert [r["track_warm"] for r in epochs] == [0.0, 1.0]
+    tracker = make_tracker(config.track, None, np.zeros((1, 32, 32, 3)), np.zeros(1), config.optimizer)
+    starts = os.path.join(workdir, "track_starts.npz")
+    assert not tracker.load(starts, 1) and tracker.starts == {}  # saved after epoch 2, not 1
+    assert tracker.load(starts, 2) and sorted(tracker.starts) == ["lambda_max", "preconditioned"]
+    assert all(np.linalg.norm(v) == pytest.approx(1, rel=1e-5) for v in tracker.starts.values())
     last = epochs[-1]  # tracked on the final parameters, which measure_run reads from the checkpoint
     assert last["track_loss"] == pytest.approx(train["worst_case"]["loss"], rel=1e-5)
     # A few Lanczos steps give a lower bound of λmax, already close for the top of the spectrum.

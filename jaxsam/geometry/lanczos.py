@@ -88,6 +88,23 @@ def uniform_vectors(key: jax.Array, n: int, dim: int, dtype: Any) -> list[jax.Ar
     return [_uniform_vector(key, i, dim, np.dtype(dtype)) for i in range(n)]
 
 
+def start_vectors(key: jax.Array, n: int, dim: int, dtype: Any, start: Any = None) -> list[jax.Array]:
+    """`uniform_vectors(key, n, dim, dtype)`, the first replaced by `start` when it is given.
+
+    `start` is a pytree like the parameters or a flat vector of `dim` entries,
+    e.g. an eigenvector of an earlier call (a warm start).
+    """
+    vectors = uniform_vectors(key, n, dim, dtype)
+    if start is not None:
+        v = jnp.asarray(ravel(start), dtype)
+        if v.shape != (dim,):
+            raise ValueError(f"start has {v.size} entries, the parameters {dim}: pass a vector like the parameters")
+        if not bool(jnp.isfinite(v).all()) or float(jnp.linalg.norm(v)) == 0:
+            raise ValueError("start must be a finite, nonzero vector")
+        vectors[0] = v
+    return vectors
+
+
 def check_key(key: Any) -> None:
     if key is None:
         raise ValueError("a PRNG key is required, e.g. jax.random.key(0)")
@@ -339,6 +356,7 @@ def top_eigenvalues(
     method: str = "lanczos",
     iters: int | None = None,
     tol: float = 1e-4,
+    start: Any = None,
 ) -> EigenResult:
     """The k largest (algebraic) Hessian eigenvalues and unit eigenvectors.
 
@@ -371,6 +389,10 @@ def top_eigenvalues(
         "restarted": the target, every ‖Hv − λv‖ ≤ tol·|λ| (float32 products
         are accurate to about 2e-6 relative: below that the solve stalls and
         says so); "power": both the stop and `converged`, as "lanczos".
+      start: "lanczos" and "restarted": the start vector (a pytree like
+        params, or flat) instead of a random one; the top eigenvector of an
+        earlier call at nearby parameters makes a few steps accurate (a warm
+        start, e.g. tracking λmax during training).
 
     Returns:
       An `EigenResult`; `eigenvectors` is a pytree like params with a leading
@@ -398,18 +420,20 @@ def top_eigenvalues(
     if method == "power":
         from jaxsam.geometry import power
 
+        if start is not None:
+            raise ValueError("start applies to method='lanczos' and 'restarted'")
         return power.top_eigenvalues_power(loss_fn, params, key, k=k, iters=iters, tol=tol)
     if method == "restarted":
         from jaxsam.geometry import restarted  # it builds on this module
 
         if restarted.fits(dim, k):
-            return _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype)
+            return _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype, start)
         iters = dim  # too few parameters for a Krylov space to restart: exact Lanczos
     m = min(dim, iters if iters is not None else max(50, 2 * k))
     if k > m:
         raise ValueError(f"k={k} needs at least k Lanczos steps (iters={iters})")
-    values, vectors, residuals, (alphas, betas) = lanczos_top(loss_fn, params, uniform_vectors(key, 2, dim, dtype),
-                                                              k, m)  # fmt: skip
+    values, vectors, residuals, (alphas, betas) = lanczos_top(loss_fn, params,
+                                                              start_vectors(key, 2, dim, dtype, start), k, m)  # fmt: skip
     values, residuals = np.asarray(values), np.asarray(residuals)
     scale = max(float(np.max(np.abs(values))), float(np.finfo(dtype).tiny))
     return EigenResult(
@@ -427,11 +451,11 @@ def top_eigenvalues(
     )
 
 
-def _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype) -> EigenResult:
+def _restarted_result(loss_fn, params, key, k, iters, tol, dim, dtype, start=None) -> EigenResult:
     """`top_eigenvalues(method="restarted")` (see there)."""
     from jaxsam.geometry import restarted
 
-    top = restarted.restarted_top(loss_fn, params, uniform_vectors(key, 1, dim, dtype)[0], k=k, tol=tol,
+    top = restarted.restarted_top(loss_fn, params, start_vectors(key, 1, dim, dtype, start)[0], k=k, tol=tol,
                                   max_matvecs=iters if iters is not None else 500, key=jax.random.fold_in(key, 1))  # fmt: skip
     return EigenResult(
         eigenvalues=top.eigenvalues,

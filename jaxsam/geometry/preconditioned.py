@@ -24,7 +24,8 @@ from jax.flatten_util import ravel_pytree
 
 from jaxsam.geometry import loss as loss_lib
 from jaxsam.geometry import restarted
-from jaxsam.geometry.lanczos import check_key, flat_spec, history_steps, lanczos_top, ritz_history, uniform_vectors
+from jaxsam.geometry.lanczos import (check_key, flat_spec, history_steps, lanczos_top, ritz_history, start_vectors,
+                                     unravel)
 from jaxsam.geometry.records import PreconditionedEigenResult
 
 
@@ -105,6 +106,7 @@ def preconditioned_top_eigenvalue(
     b2: float | None = None,
     step: int | None = None,
     floor: float = 1e-4,
+    start: Any = None,
 ) -> PreconditionedEigenResult:
     """λmax of Adam's preconditioned Hessian P^{-1/2} H P^{-1/2} (Cohen et al. 2022).
 
@@ -144,6 +146,8 @@ def preconditioned_top_eigenvalue(
       floor: relative gradient-RMS floor below which a coordinate counts as
         unmoved and is left out; 0 keeps every coordinate (the plain
         definition of Cohen et al.).
+      start: the start vector (a pytree like params, or flat) instead of a
+        random one, e.g. the `eigenvector` of an earlier call (a warm start).
 
     optax's `eps_root` (0 in optax.adam) is not part of P here.
 
@@ -192,16 +196,17 @@ def preconditioned_top_eigenvalue(
     d, excluded = _inverse_sqrt_preconditioner(adam.nu, np.asarray(1 - b2**step, dtype), np.asarray(eps, dtype),
                                                np.asarray(floor, dtype))  # fmt: skip
     if method == "restarted" and restarted.fits(dim, 1):
-        top = restarted.restarted_top(loss_fn, params, uniform_vectors(key, 1, dim, dtype)[0], k=1, tol=tol,
+        top = restarted.restarted_top(loss_fn, params, start_vectors(key, 1, dim, dtype, start)[0], k=1, tol=tol,
                                       max_matvecs=iters if iters is not None else 500, d=d,
                                       key=jax.random.fold_in(key, 1))  # fmt: skip
         value, residual, m = float(top.eigenvalues[0]), float(top.residual_norms[0]), top.matvecs
+        vector = top.eigenvectors[0]
         history, history_iterations = top.history[:, 0], top.history_matvecs
     else:
         m = dim if method == "restarted" else m
-        values, _, residuals, (alphas, betas) = lanczos_top(loss_fn, params, uniform_vectors(key, 2, dim, dtype), 1,
-                                                            m, d)  # fmt: skip
-        value, residual = float(values[0]), float(residuals[0])
+        values, vectors, residuals, (alphas, betas) = lanczos_top(loss_fn, params,
+                                                                  start_vectors(key, 2, dim, dtype, start), 1, m, d)  # fmt: skip
+        value, residual, vector = float(values[0]), float(residuals[0]), vectors[0]
         history, history_iterations = ritz_history(alphas, betas, 1, history_steps(m))[:, 0], history_steps(m)
     if learning_rate is None:
         gd_threshold = adam_threshold = None
@@ -226,4 +231,5 @@ def preconditioned_top_eigenvalue(
         adam_threshold=adam_threshold,
         loss_info=loss_lib.info_of(loss_fn),
         method=method,
+        eigenvector=unravel(vector, params),
     )

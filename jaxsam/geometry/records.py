@@ -219,6 +219,8 @@ class PreconditionedEigenResult(Record):
         with momentum β₁ on a quadratic (Cohen et al. 2022; 38/η for β₁ = 0.9).
       loss_info: description of the measured loss.
       method: "lanczos" or "restarted" (see `preconditioned_top_eigenvalue`).
+      eigenvector: the unit Ritz vector u of P^{-1/2} H P^{-1/2}, a pytree
+        like params (a warm start for a later call). Left out of `to_dict()`.
     """
 
     eigenvalue: float
@@ -238,6 +240,10 @@ class PreconditionedEigenResult(Record):
     adam_threshold: float | None
     loss_info: dict[str, Any]
     method: str = "lanczos"
+    eigenvector: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without(self, ("eigenvector",))
 
 
 # --------------------------------------------------------------------------- sharpness
