@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 SIZES = ("full", "fit", "cpu", "smoke")
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")  # those with a second-moment preconditioner (preconditioned λmax)
 
 
 # Per-size fields (the rest as for "full").

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxsam import data, files
+from jaxsam.config import ADAPTIVE_OPTIMIZERS
 from jaxsam.geometry import hessian, landscape, recalibration, sharpness
 from jaxsam.geometry.loss import make_loss_fn
 from jaxsam.geometry.records import to_json
@@ -203,7 +204,7 @@ def measure_run(
 
     params = run.state.params
     variables = {"params": params, "batch_stats": run.state.batch_stats}
-    is_adam = run.config.optimizer.name in ("adam", "adamw")
+    is_adam = run.config.optimizer.name in ADAPTIVE_OPTIMIZERS
     out_dir = os.path.join(workdir, "geometry")
     os.makedirs(out_dir, exist_ok=True)
     key = jax.random.key(options.seed)

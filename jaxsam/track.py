@@ -39,12 +39,12 @@ import ml_collections
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxsam import data
+from jaxsam import data, files
+from jaxsam.config import ADAPTIVE_OPTIMIZERS
 from jaxsam.geometry import driver, hessian, sharpness
 from jaxsam.geometry.loss import make_loss_fn
 
 TRACKABLE = ("lambda_max", "worst_case", "average_case", "first_order", "preconditioned")
-ADAPTIVE = ("adam", "adamw")  # the optimizers with a second-moment preconditioner
 
 
 def parse_measures(names: str) -> tuple[str, ...]:
@@ -84,8 +84,13 @@ class Tracker:
     def save(self, path: str, epoch: int) -> None:
         """Writes the start vectors for the epoch after `epoch` to `path` (whole or not at all)."""
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, epoch=np.asarray(epoch), **self.starts)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, epoch=np.asarray(epoch), **self.starts)
+            os.replace(tmp, path)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise files.write_failed(path, err) from None
 
     def load(self, path: str, epoch: int) -> bool:
         """Takes the start vectors saved after `epoch` from `path`; False (starts stay cold) if there are none."""
@@ -119,7 +124,7 @@ def make_tracker(
       the last step taken.
     """
     measures = parse_measures(track.measures)
-    if "preconditioned" in measures and (optimizer is None or optimizer.name not in ADAPTIVE):
+    if "preconditioned" in measures and (optimizer is None or optimizer.name not in ADAPTIVE_OPTIMIZERS):
         measures = tuple(m for m in measures if m != "preconditioned")  # no preconditioner to measure
     n = min(track.n_examples, len(labels))
     images, labels = np.asarray(images[:n]), np.asarray(labels[:n])
