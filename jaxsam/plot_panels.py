@@ -83,6 +83,7 @@ def plot_band_panels(
     xlabel: str = "epoch",
     ylabel: str = "",
     log_y: bool = False,
+    log_x: bool = False,
 ) -> pathlib.Path:
     """A grid of panels of mean lines with ± std bands (e.g. test accuracy over epochs, seeds averaged).
 
@@ -91,7 +92,7 @@ def plot_band_panels(
         a std of NaN (one seed) draws no band. The same label has the same colour in every panel.
       path: the PNG to write.
       title, xlabel, ylabel: figure title and every panel's axis labels (units in ylabel).
-      log_y: log-scale y axes.
+      log_y, log_x: log-scale y / x axes (log_x: x values are not epochs).
 
     Returns:
       The path written.
@@ -108,7 +109,14 @@ def plot_band_panels(
                 ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
         if log_y:
             ax.set_yscale("log")
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        if log_x:
+            ax.set_xscale("log")
+            ticks = sorted({float(x) for xs, _, _ in series.values() for x in _flat(xs)})
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.axhline(0, color="0.5", lw=0.8)
+        else:
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         _style(ax, panel_title, xlabel, ylabel)
         ax.grid(True, alpha=0.3)
         if len(series) > 1:

@@ -62,6 +62,9 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
                     band = _by_epoch([r for r in rows if (r["model"], r["arm"]) == (model, arm)], key)
                     if band:
                         series[_label(arm)] = band
+                threshold = _by_epoch([r for r in rows if (r["model"], r["arm"]) == (model, base)], lib.THRESHOLD)
+                if key == "track_preconditioned" and series and threshold:
+                    series["Adam's threshold (2+2β₁)/((1−β₁)η)"] = threshold
                 row.append((f"{_model_label(model)}, {_label(base)}", series) if series else None)
             panels.append(row)
         if any(p for row in panels for p in row):
@@ -69,7 +72,7 @@ def figures(study: ml_collections.ConfigDict, rows: list[dict[str, Any]], out_di
             seeds = "mean ± std over seeds" if int(study.seeds) > 1 else "one seed"
             save(name, lambda path, panels=panels, ylabel=ylabel: plot_panels.plot_band_panels(
                 panels, path, title=f"{ylabel[0].upper() + ylabel[1:]} after each epoch ({seeds})",
-                xlabel="epoch", ylabel=ylabel))  # fmt: skip
+                xlabel="epoch", ylabel=ylabel, log_y=key == "track_preconditioned"))  # fmt: skip
 
     # Each measure against the generalization gap.
     arms_in_rows = [a for _, arms in groups for a in arms]

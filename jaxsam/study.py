@@ -233,7 +233,9 @@ MEASURE_COLUMNS = (
     ("preconditioned", "preconditioned λmax (Adam)", lambda g: g["preconditioned"]["eigenvalue"]),
 )
 TRACKED = (("track_worst_case", "tracked worst-case sharpness"), ("track_lambda_max", "tracked λmax"),
-           ("track_first_order", "tracked ρ‖∇L‖"), ("track_average_case", "tracked average-case sharpness"))  # fmt: skip
+           ("track_first_order", "tracked ρ‖∇L‖"), ("track_average_case", "tracked average-case sharpness"),
+           ("track_preconditioned", "tracked preconditioned λmax"))  # fmt: skip
+THRESHOLD = "track_adam_threshold"  # Adam's (2 + 2β₁)/((1 − β₁)η_t), beside the tracked preconditioned λmax
 
 
 FITS = 0.98  # train accuracy at which a run counts as fitting its training subset
@@ -262,7 +264,8 @@ def collect(study_dir: str) -> list[dict[str, Any]]:
             "test_accuracy": epochs[-1]["test_accuracy"], "test_loss": epochs[-1]["test_loss"],
             "epochs": {"epoch": [r["epoch"] for r in epochs],
                        "test_accuracy": [r["test_accuracy"] for r in epochs],
-                       **{key: [r.get(key) for r in epochs] for key, _ in TRACKED if any(key in r for r in epochs)}},
+                       **{key: [r.get(key) for r in epochs] for key in [k for k, _ in TRACKED] + [THRESHOLD]
+                          if any(key in r for r in epochs)}},
         }  # fmt: skip
         geometry = _geometry(workdir)
         if geometry is not None:
@@ -341,7 +344,7 @@ def write_report(study_dir: str) -> dict[str, Any]:
       seeds both arms have, with the Student-t 95 % interval (`jaxsam.stats.paired_difference`);
       accuracy and gap columns there are in percentage points, the aggregates' in fractions.
     """
-    from jaxsam import report, report_figures
+    from jaxsam import dose, report, report_figures
 
     study, command = read_study(study_dir)
     rows = collect(study_dir)
@@ -358,8 +361,14 @@ def write_report(study_dir: str) -> dict[str, Any]:
     }
     summary["kendall_tau"] = report.kendall_taus(rows)
     summary["paired"] = report.paired(study, rows)
+    summary["dose"] = dose.dose_response(study, rows)
     figures = report_figures.figures(study, rows, os.path.join(study_dir, "figures"))
+    if dose.figure(summary["dose"], os.path.join(study_dir, "figures", "dose_response.png")):
+        figures["dose_response"] = "figures/dose_response.png"
     text = report.markdown(study, command, rows, summary, figures, planned)
+    section = dose.markdown(summary["dose"], figures.get("dose_response"))
+    if section:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
     files.write_atomic(os.path.join(study_dir, "report.md"), text)
     files.write_json(os.path.join(study_dir, "summary.json"), _json_safe(summary))
     return summary
