@@ -61,6 +61,32 @@ class _DropOrbaxSaveErrors(logging.Filter):
 _FILTER = _DropOrbaxSaveErrors()
 
 
+class _AbandonedReads:
+    """Drops the "Event loop is closed" errors of the reads orbax abandons when a checkpoint fails to read.
+
+    orbax-checkpoint (0.12) restores on an event loop of its own and closes it as
+    soon as the first array read fails; the other reads of that damaged
+    checkpoint are still running in tensorstore's threads, and each one's
+    completion then calls `call_soon_threadsafe` on the closed loop, which
+    Python reports as an unraisable `RuntimeError`. Those reads belong to a
+    checkpoint already reported as unreadable, so while a `Checkpoints` that
+    saw one is open, exactly these errors are dropped; every other
+    unraisable exception reaches the previous hook.
+    """
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            self.previous(unraisable)
+
+    def remove(self) -> None:
+        if sys.unraisablehook is self:
+            sys.unraisablehook = self.previous
+
+
 def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
@@ -77,6 +103,7 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
         self._pending: Optional[int] = None  # the step of a save that may still be writing
+        self._abandoned: Optional[_AbandonedReads] = None  # set once a restore failed mid-read
         if _FILTER not in logging.getLogger("absl").filters:
             logging.getLogger("absl").addFilter(_FILTER)
         self._manager = ocp.CheckpointManager(
@@ -114,6 +141,9 @@ class Checkpoints:
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError, TypeError, OSError) as err:
+            if self._abandoned is None:
+                self._abandoned = _AbandonedReads()
+                sys.unraisablehook = self._abandoned
             # Orbax reports a mismatch or a damaged file in many lines; say which it is.
             detail = " ".join(str(err).split())[:200]
             if self._shapes_differ(step, abstract):
@@ -195,3 +225,5 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+        if self._abandoned is not None:
+            self._abandoned.remove()
